@@ -73,7 +73,7 @@ class FSMNet(nn.Module):
   use_spa_att: bool = False
 
   def __post_init__(self):
-    if self.num_features % self.num_heads:
+    if self.use_fs_fusion and self.num_features % self.num_heads:
       raise ValueError(f'num_features ({self.num_features}) must be divisible by num_heads '
                        f'({self.num_heads}).')
     if self.use_fs_fusion and not self.use_frequency_branch:

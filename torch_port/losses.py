@@ -1,0 +1,16 @@
+"""The reference training loss in PyTorch (the twin of `fsmnet_jax.losses.reference_loss`)."""
+
+import torch
+
+FREQUENCY_LOSS_WEIGHT = 0.01
+
+
+def reference_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
+                   frequency_weight: float = FREQUENCY_LOSS_WEIGHT) -> torch.Tensor:
+  """L1 on both outputs plus weighted L1 on amplitude and phase of img_fre's rfft2 (NCHW)."""
+  l1 = torch.nn.functional.l1_loss
+  spectrum_out, spectrum_target = torch.fft.rfft2(outputs['img_fre']), torch.fft.rfft2(target)
+  return (l1(outputs['img_out'], target)
+          + frequency_weight * l1(spectrum_out.abs(), spectrum_target.abs())
+          + frequency_weight * l1(spectrum_out.angle(), spectrum_target.angle())
+          + l1(outputs['img_fre'], target))
