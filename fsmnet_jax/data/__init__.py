@@ -1,0 +1,1 @@
+"""Data: k-space simulation, sampling masks, datasets and input pipelines."""

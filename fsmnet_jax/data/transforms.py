@@ -1,0 +1,36 @@
+"""Per-image normalisation as in the reference's BraTS loader, and its inverse for evaluation."""
+
+import numpy as np
+
+NORMALIZE_EPS = 1e-11
+CLIP = 6.0
+
+
+def normalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+  """(x - mean) / (std + eps)."""
+  return (x - mean) / (std + NORMALIZE_EPS)
+
+
+def denormalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+  """Inverse of `normalize`."""
+  return x * (std + NORMALIZE_EPS) + mean
+
+
+def normalize_example(target_under: np.ndarray, target: np.ndarray, aux: np.ndarray
+                      ) -> dict[str, np.ndarray]:
+  """The model's inputs and target, normalised as the reference does.
+
+  The undersampled target is normalised by its own mean and (population) std, and the target
+  by the same statistics; the auxiliary contrast by its own; all clipped to [-6, 6]. `mean` and
+  `std` are returned to map outputs back to intensities.
+  """
+  mean, std = float(target_under.mean()), float(target_under.std())
+  aux_mean, aux_std = float(aux.mean()), float(aux.std())
+  clip = lambda x: np.clip(x, -CLIP, CLIP).astype(np.float32)
+  return {
+      'target_under': clip(normalize(target_under, mean, std)),
+      'target': clip(normalize(target, mean, std)),
+      'aux': clip(normalize(aux, aux_mean, aux_std)),
+      'mean': np.float32(mean),
+      'std': np.float32(std),
+  }
