@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by demo.sh and test.sh: creates or reuses .venv and installs fsmnet-jax into it with
-# the extras named in $FSMNET_EXTRAS. Re-installs only when pyproject.toml or the extras change.
+# the extras named in $FSMNET_EXTRAS. Re-installs only when pyproject.toml, this file or the
+# extras change.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,7 +27,7 @@ has_gpu=false
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && has_gpu=true
 $has_gpu && extras="$extras,cuda"
 stamp=.venv/.fsmnet-installed
-want="$(cat pyproject.toml) extras=$extras gpu=$has_gpu"
+want="$(cat pyproject.toml scripts/setup_env.sh | cksum) extras=$extras gpu=$has_gpu"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   if [[ ",$extras," == *",torch,"* ]] && ! $has_gpu; then
