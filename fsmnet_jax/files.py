@@ -17,8 +17,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None],
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists; pass --overwrite to replace it')
   path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f'.{path.name}.partial-{os.getpid()}')
-  displaced = path.with_name(f'.{path.name}.old-{os.getpid()}')
+  # The temporary names keep the suffixes: some writers pick the format from them (.nii.gz).
+  temporary = path.with_name(f'.partial-{os.getpid()}-{path.name}')
+  displaced = path.with_name(f'.old-{os.getpid()}-{path.name}')
   try:
     write(temporary)
     if path.exists():

@@ -1,0 +1,138 @@
+"""BraTS: subject discovery, NIfTI loading in a fixed orientation, slicing, and the split.
+
+Layout: one folder per subject holding `*_t1.nii[.gz]` and `*_t2.nii[.gz]` (2018-2021 naming)
+or `*-t1n.nii.gz` and `*-t2w.nii.gz` (2023). Volumes are reoriented to RAS from their affine, so
+axial slices are taken along the superior axis whatever the storage order.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fsmnet_jax.files import write_atomically
+
+CONTRAST_PATTERNS = {
+    't1': re.compile(r'[_-](t1|t1n)\.nii(\.gz)?$', re.IGNORECASE),
+    't2': re.compile(r'[_-](t2|t2w)\.nii(\.gz)?$', re.IGNORECASE),
+}
+
+
+class DataError(ValueError):
+  """Input data that cannot be used; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  name: str
+  t1: Path
+  t2: Path
+
+
+def find_subjects(root: str | os.PathLike) -> list[Subject]:
+  """Every subject folder under `root`, sorted by name. Folders with neither contrast are
+  ignored; a folder with only one, or with two candidates for one, is an error."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(f'{root}: no such data folder')
+  subjects = []
+  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    found = {c: sorted(f for f in folder.iterdir() if pattern.search(f.name))
+             for c, pattern in CONTRAST_PATTERNS.items()}
+    if not any(found.values()):
+      continue
+    for contrast, files in found.items():
+      if len(files) != 1:
+        raise DataError(f'{folder}: expected one {contrast.upper()} volume '
+                        f'(*_{contrast}.nii.gz), found {len(files)}: {[f.name for f in files]}')
+    subjects.append(Subject(folder.name, found['t1'][0], found['t2'][0]))
+  if not subjects:
+    raise DataError(f'{root}: no subject folders with *_t1.nii[.gz] and *_t2.nii[.gz] files')
+  return subjects
+
+
+def load_axial_slices(path: Path) -> np.ndarray:
+  """(slices, rows, cols) float32: axial slices, rows anterior->posterior, cols right->left
+  (radiological view), whatever the file's axis order and dtype."""
+  try:
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+  except Exception as e:  # nibabel raises many types for damaged files
+    raise DataError(f'{path}: not a readable NIfTI volume ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0][:160] if str(e) else "truncated?"})') from e
+  while data.ndim > 3 and data.shape[-1] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise DataError(f'{path}: expected a 3-D volume, got shape {data.shape}')
+  if not np.isfinite(data).all():
+    raise DataError(f'{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels')
+  # RAS (x right, y anterior, z superior) -> (z, y reversed, x reversed).
+  return np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def robust_scale(volume: np.ndarray, percentile: float, path: Path) -> np.ndarray:
+  """Divides by the `percentile` of the non-zero voxels and clips to [0, 1]."""
+  foreground = volume[volume > 0]
+  scale = np.percentile(foreground, percentile) if foreground.size else 0.0
+  if scale <= 0:
+    raise DataError(f'{path}: the volume is empty (no positive voxels)')
+  return np.clip(volume / scale, 0, 1).astype(np.float32)
+
+
+def fit_to_size(slices: np.ndarray, size: int) -> np.ndarray:
+  """Center-crops or zero-pads the last two axes to size x size."""
+  out = np.zeros(slices.shape[:-2] + (size, size), slices.dtype)
+  src, dst = [], []
+  for length in slices.shape[-2:]:
+    keep = min(length, size)
+    src.append(slice((length - keep) // 2, (length - keep) // 2 + keep))
+    dst.append(slice((size - keep) // 2, (size - keep) // 2 + keep))
+  out[..., dst[0], dst[1]] = slices[..., src[0], src[1]]
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def load_subject(subject: Subject, image_size: int, percentile: float = 99.5
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(t1, t2) as (slices, image_size, image_size) float32 in [0, 1]."""
+  t1, t2 = load_axial_slices(subject.t1), load_axial_slices(subject.t2)
+  if t1.shape != t2.shape:
+    raise DataError(f'{subject.t1} and {subject.t2}: T1 and T2 differ in shape '
+                    f'({t1.shape} vs {t2.shape}); register them to one grid first')
+  return (fit_to_size(robust_scale(t1, percentile, subject.t1), image_size),
+          fit_to_size(robust_scale(t2, percentile, subject.t2), image_size))
+
+
+def foreground_slices(t2: np.ndarray, min_foreground: float, level: float = 0.05) -> list[int]:
+  """Indices of slices where more than `min_foreground` of the pixels exceed `level`."""
+  fraction = (t2 > level).mean(axis=(1, 2))
+  return [int(i) for i in np.flatnonzero(fraction > min_foreground)]
+
+
+def split_subjects(subjects: list[Subject], test_fraction: float, seed: int,
+                   split_file: str | os.PathLike | None = None) -> dict[str, list[str]]:
+  """Subject-level train/test split, seeded. With `split_file`: read it if it exists (and check
+  that its subjects are present), else write it, so the split never changes silently."""
+  names = [s.name for s in subjects]
+  if split_file is not None and Path(split_file).exists():
+    try:
+      split = json.loads(Path(split_file).read_text())
+      assigned = split['train'] + split['test']
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f'{split_file}: not a split file ({e})') from e
+    missing = sorted(set(assigned) - set(names))
+    if missing:
+      raise DataError(f'{split_file}: lists subjects not found in the data: {missing[:5]}')
+    return {'train': split['train'], 'test': split['test']}
+  order = np.random.default_rng(seed).permutation(len(names))
+  num_test = max(1, round(len(names) * test_fraction)) if len(names) > 1 else 0
+  split = {'train': sorted(names[i] for i in order[num_test:]),
+           'test': sorted(names[i] for i in order[:num_test])}
+  if split_file is not None:
+    write_atomically(split_file, lambda tmp: tmp.write_text(json.dumps(split, indent=1)))
+  return split
