@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fsmnet_jax.data import brats
+from fsmnet_jax.data import DataError, brats
 from fsmnet_jax.data.demo import make_demo_data
 
 
@@ -78,38 +78,38 @@ def test_2023_naming(tmp_path):
 
 
 def test_bad_input_names_the_file(tmp_path):
-  with pytest.raises(brats.DataError, match='no such data folder'):
+  with pytest.raises(DataError, match='no such data folder'):
     brats.find_subjects(tmp_path / 'absent')
-  with pytest.raises(brats.DataError, match='no subject folders'):
+  with pytest.raises(DataError, match='no subject folders'):
     brats.find_subjects(tmp_path)
   volume = np.random.default_rng(0).random((16, 16, 4)).astype(np.float32)
   _save(tmp_path / 'one' / 'one_t1.nii.gz', volume)
-  with pytest.raises(brats.DataError, match=r'one: expected one T2 volume .* found 0'):
+  with pytest.raises(DataError, match=r'one: expected one T2 volume .* found 0'):
     brats.find_subjects(tmp_path)
 
   bad = tmp_path / 'bad'
   nan_volume = volume.copy()
   nan_volume[3, 4, 1] = np.nan
-  with pytest.raises(brats.DataError, match=r'nan_t1.nii.gz: 1 NaN/inf voxels'):
+  with pytest.raises(DataError, match=r'nan_t1.nii.gz: 1 NaN/inf voxels'):
     brats.load_axial_slices(_save(bad / 'nan_t1.nii.gz', nan_volume))
   good = _save(bad / 'good_t1.nii.gz', volume)
   truncated = bad / 'trunc_t1.nii.gz'
   truncated.write_bytes(good.read_bytes()[:200])
-  with pytest.raises(brats.DataError, match='trunc_t1.nii.gz: not a readable NIfTI volume'):
+  with pytest.raises(DataError, match='trunc_t1.nii.gz: not a readable NIfTI volume'):
     brats.load_axial_slices(truncated)
   garbage = bad / 'garbage_t1.nii.gz'
   garbage.write_bytes(gzip.compress(b'not a nifti header at all' * 20))
-  with pytest.raises(brats.DataError, match='garbage_t1.nii.gz: not a readable NIfTI volume'):
+  with pytest.raises(DataError, match='garbage_t1.nii.gz: not a readable NIfTI volume'):
     brats.load_axial_slices(garbage)
 
   pair = tmp_path / 'pairs' / 'mismatch'
   _save(pair / 'mismatch_t1.nii.gz', volume)
   _save(pair / 'mismatch_t2.nii.gz', volume[:, :12])
   [subject] = brats.find_subjects(tmp_path / 'pairs')
-  with pytest.raises(brats.DataError, match=r'T1 and T2 differ in shape'):
+  with pytest.raises(DataError, match=r'T1 and T2 differ in shape'):
     brats.load_subject(subject, 16)
   empty = _save(tmp_path / 'empty' / 'e_t1.nii.gz', np.zeros((8, 8, 2), np.float32))
-  with pytest.raises(brats.DataError, match='e_t1.nii.gz: the volume is empty'):
+  with pytest.raises(DataError, match='e_t1.nii.gz: the volume is empty'):
     brats.robust_scale(brats.load_axial_slices(empty), 99.5, empty)
 
 
@@ -124,5 +124,5 @@ def test_split_is_seeded_written_once_and_respected(demo_root, tmp_path):
   assert brats.split_subjects(subjects, 0.25, seed=5, split_file=split_file) == split
   assert brats.split_subjects(subjects, 0.25, seed=0) == split
   split_file.write_text(json.dumps({'train': ['ghost'], 'test': []}))
-  with pytest.raises(brats.DataError, match="split.json: lists subjects not found.*ghost"):
+  with pytest.raises(DataError, match="split.json: lists subjects not found.*ghost"):
     brats.split_subjects(subjects, 0.25, seed=0, split_file=split_file)

@@ -15,16 +15,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fsmnet_jax.data import DataError
 from fsmnet_jax.files import write_atomically
 
 CONTRAST_PATTERNS = {
     't1': re.compile(r'[_-](t1|t1n)\.nii(\.gz)?$', re.IGNORECASE),
     't2': re.compile(r'[_-](t2|t2w)\.nii(\.gz)?$', re.IGNORECASE),
 }
-
-
-class DataError(ValueError):
-  """Input data that cannot be used; the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)

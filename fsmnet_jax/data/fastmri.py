@@ -1,0 +1,101 @@
+"""fastMRI single-coil knee: PD (auxiliary) / PDFS (target) volume pairs from h5 files.
+
+Pairs come from a CSV whose rows start with the PD and the PDFS file names (without `.h5`), as
+in the reference's data_split files. Images are the magnitude of the inverse FFT of the
+k-space, center-cropped to the reconstruction size (320 for the knee data).
+"""
+
+import csv
+import dataclasses
+import os
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from fsmnet_jax.data import DataError, kspace
+
+ISMRMRD_NAMESPACE = {'m': 'http://www.ismrm.org/ISMRMRD'}
+
+
+@dataclasses.dataclass(frozen=True)
+class KneePair:
+  pd: Path
+  pdfs: Path
+  num_slices: int
+
+
+def read_header(path: Path) -> dict[str, tuple[int, int]]:
+  """Encoded and reconstruction matrix sizes (x, y) from the file's ISMRMRD header."""
+  try:
+    with h5py.File(path, 'r') as f:
+      root = ElementTree.fromstring(f['ismrmrd_header'][()])
+    sizes = {}
+    for key, space in (('encoding_size', 'encodedSpace'), ('recon_size', 'reconSpace')):
+      matrix = root.find(f'm:encoding/m:{space}/m:matrixSize', ISMRMRD_NAMESPACE)
+      sizes[key] = (int(matrix.find('m:x', ISMRMRD_NAMESPACE).text),
+                    int(matrix.find('m:y', ISMRMRD_NAMESPACE).text))
+    return sizes
+  except (OSError, KeyError, AttributeError, ElementTree.ParseError, ValueError) as e:
+    raise DataError(f'{path}: no readable ISMRMRD header ({type(e).__name__}: {e})') from e
+
+
+def _num_slices(path: Path) -> int:
+  try:
+    with h5py.File(path, 'r') as f:
+      volume = f['kspace']
+      if volume.ndim != 3 or not np.issubdtype(volume.dtype, np.complexfloating):
+        raise DataError(f'{path}: "kspace" must be complex (slices, rows, cols) for single-coil '
+                        f'data; got {volume.dtype} {volume.shape}')
+      return volume.shape[0]
+  except (OSError, KeyError) as e:
+    raise DataError(f'{path}: not a readable fastMRI h5 file with "kspace" ({e})') from e
+
+
+def read_pairs(csv_file: str | os.PathLike, root: str | os.PathLike) -> list[KneePair]:
+  """The PD/PDFS pairs listed in `csv_file`, resolved under `root`."""
+  csv_file, root = Path(csv_file), Path(root)
+  if not csv_file.is_file():
+    raise DataError(f'{csv_file}: no such pairs file')
+  pairs = []
+  with open(csv_file, newline='') as f:
+    for line, row in enumerate(csv.reader(f), start=1):
+      if len(row) < 2:
+        raise DataError(f'{csv_file}:{line}: expected "PD file, PDFS file, ..."; got {row}')
+      pd, pdfs = (root / f'{name.strip()}.h5' for name in row[:2])
+      for path in (pd, pdfs):
+        if not path.is_file():
+          raise DataError(f'{csv_file}:{line}: {path} does not exist')
+      pairs.append(KneePair(pd, pdfs, min(_num_slices(pd), _num_slices(pdfs))))
+  if not pairs:
+    raise DataError(f'{csv_file}: lists no pairs')
+  return pairs
+
+
+def read_kspace_slice(path: Path, index: int) -> np.ndarray:
+  """One complex (rows, cols) k-space slice."""
+  try:
+    with h5py.File(path, 'r') as f:
+      values = f['kspace'][index]
+  except (OSError, KeyError) as e:
+    raise DataError(f'{path}: cannot read k-space slice {index} ({e})') from e
+  if not np.isfinite(values).all():
+    raise DataError(f'{path}: slice {index} holds NaN/inf k-space samples')
+  return values
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Crops the last two axes to at most size x size around the centre."""
+  rows, cols = image.shape[-2:]
+  h, w = min(rows, size), min(cols, size)
+  top, left = (rows - h) // 2, (cols - w) // 2
+  return image[..., top:top + h, left:left + w]
+
+
+def image_from_kspace(slice_kspace: np.ndarray, crop: int, mask: np.ndarray | None = None
+                      ) -> np.ndarray:
+  """|IFFT(mask * kspace)| center-cropped to `crop`: the zero-filled image when masked, the
+  fully-sampled one without a mask. Masks act on the measured (uncropped) k-space lines."""
+  sampled = slice_kspace if mask is None else slice_kspace * mask
+  return center_crop(np.abs(kspace.ifft2c(sampled)), crop).astype(np.float32)

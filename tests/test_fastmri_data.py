@@ -1,0 +1,60 @@
+"""fastMRI loading from the demo generator's files and hand-made bad files."""
+
+import h5py
+import numpy as np
+import pytest
+
+from fsmnet_jax.data import DataError, fastmri, masks
+from fsmnet_jax.data.demo import make_demo_data
+
+
+@pytest.fixture(scope='module')
+def knee_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('demo')
+  make_demo_data(root, seed=1, num_subjects=1, num_knee_pairs=2, image_size=40, num_slices=5)
+  return root / 'fastmri'
+
+
+def test_pairs_header_and_images(knee_root):
+  pairs = fastmri.read_pairs(knee_root / 'pairs.csv', knee_root)
+  assert [(p.pd.name, p.pdfs.name, p.num_slices) for p in pairs] == [
+      ('file_demo0000.h5', 'file_demo0001.h5', 5), ('file_demo0002.h5', 'file_demo0003.h5', 5)]
+  assert fastmri.read_header(pairs[0].pdfs) == {'encoding_size': (40, 40), 'recon_size': (40, 40)}
+  slice_kspace = fastmri.read_kspace_slice(pairs[0].pdfs, 2)
+  full = fastmri.image_from_kspace(slice_kspace, 32)
+  with h5py.File(pairs[0].pdfs) as f:
+    reference = f['reconstruction_esc'][2]
+  np.testing.assert_allclose(full, fastmri.center_crop(reference, 32), atol=1e-5)
+  mask, _ = masks.RandomMaskFunc([0.08], [4])((1, 40, 1), seed=0)
+  under = fastmri.image_from_kspace(slice_kspace, 32, mask.reshape(1, 40))
+  assert under.shape == (32, 32) and 0 < np.abs(under - full).mean() < full.mean()
+
+
+def test_bad_files(knee_root, tmp_path):
+  with pytest.raises(DataError, match='no such pairs file'):
+    fastmri.read_pairs(tmp_path / 'none.csv', knee_root)
+  listing = tmp_path / 'pairs.csv'
+  listing.write_text('file_demo0000,file_missing,0.3\n')
+  with pytest.raises(DataError, match=r'pairs.csv:1: .*file_missing.h5 does not exist'):
+    fastmri.read_pairs(listing, knee_root)
+  broken = tmp_path / 'broken.h5'
+  broken.write_bytes((knee_root / 'file_demo0000.h5').read_bytes()[:1000])
+  (tmp_path / 'ok.h5').write_bytes((knee_root / 'file_demo0001.h5').read_bytes())
+  listing.write_text('broken,ok\n')
+  with pytest.raises(DataError, match='broken.h5: not a readable fastMRI h5 file'):
+    fastmri.read_pairs(listing, tmp_path)
+  real = tmp_path / 'real.h5'
+  with h5py.File(real, 'w') as f:
+    f.create_dataset('kspace', data=np.zeros((2, 8, 8), np.float32))
+  with pytest.raises(DataError, match=r'real.h5: "kspace" must be complex'):
+    fastmri._num_slices(real)  # pylint: disable=protected-access
+  with pytest.raises(DataError, match='real.h5: no readable ISMRMRD header'):
+    fastmri.read_header(real)
+  nan = tmp_path / 'nan.h5'
+  values = np.ones((2, 8, 8), np.complex64)
+  values[1, 3, 3] = np.nan
+  with h5py.File(nan, 'w') as f:
+    f.create_dataset('kspace', data=values)
+  with pytest.raises(DataError, match='nan.h5: slice 1 holds NaN/inf'):
+    fastmri.read_kspace_slice(nan, 1)
+  fastmri.read_kspace_slice(nan, 0)
