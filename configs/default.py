@@ -25,6 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = ''
   config.data.acceleration = 4
   config.data.image_size = 240
+  config.data.mask_type = 'random'  # a fastMRI mask type; lines along the image's W axis
+  config.data.center_fraction = 0.08  # 0.04 at 8x
+  config.data.percentile = 99.5  # BraTS intensity scaling: robust max per volume
+  config.data.min_foreground = 0.1  # skip slices with less foreground than this fraction
+  config.data.test_fraction = 0.25  # subject-level split 3:1, as the paper
+  config.data.split_file = ''  # where to write / read the split ('' = recompute, write nothing)
+  config.data.train_pairs = ''  # fastMRI: CSV of PD/PDFS file pairs per split
+  config.data.test_pairs = ''
+  config.data.worker_count = 0  # grain worker processes
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 4

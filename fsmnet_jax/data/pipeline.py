@@ -1,0 +1,141 @@
+"""grain input pipelines: slices -> undersampled, normalised NHWC batches.
+
+A batch is a dict of numpy arrays: `target_under`, `aux`, `target` (B, H, W, 1) float32,
+`mask` (B, H, W) float32 (1 where k-space was measured), `mean`, `std` (B,) (the statistics
+that map `target` back to intensities). Training masks are drawn per example from grain's per-record generator (a function of the
+seed, the epoch and the position: reproducible); test masks are fixed per volume, seeded from
+its file name as fastMRI does.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+
+from fsmnet_jax.data import DataError, brats, fastmri, kspace, masks, transforms
+
+BRATS_LIKE = ('brats', 'demo')
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRecord:
+  key: int  # position in the data source
+  volume: str  # file name the fixed test mask is seeded from
+  index: int  # slice in the volume
+
+
+class BratsSlices(grain.RandomAccessDataSource):
+  """Axial slices (T2 target, T1 auxiliary) of the subjects of one split."""
+
+  def __init__(self, subjects: list[brats.Subject], image_size: int, percentile: float,
+               min_foreground: float):
+    self._args = (image_size, percentile)
+    self._records = [
+        (subject, index) for subject in subjects
+        for index in brats.foreground_slices(brats.load_subject(subject, *self._args)[1],
+                                             min_foreground)]
+    self._description = (f'BratsSlices({len(subjects)} subjects, {len(self._records)} slices, '
+                         f'first {subjects[0].name if subjects else None}, size {image_size})')
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict:
+    subject, index = self._records[i]
+    t1, t2 = brats.load_subject(subject, *self._args)
+    return {'target': t2[index], 'aux': t1[index], 'kspace': kspace.fft2c(t2[index]),
+            'record': SliceRecord(i, subject.t2.name, index)}
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
+    return self._description
+
+
+class KneeSlices(grain.RandomAccessDataSource):
+  """Slices of fastMRI PD/PDFS pairs: PDFS k-space (target), PD image (auxiliary)."""
+
+  def __init__(self, pairs: list[fastmri.KneePair], image_size: int):
+    self._pairs, self._size = pairs, image_size
+    self._records = [(pair, index) for pair in pairs for index in range(pair.num_slices)]
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict:
+    pair, index = self._records[i]
+    target_kspace = fastmri.read_kspace_slice(pair.pdfs, index)
+    aux = fastmri.image_from_kspace(fastmri.read_kspace_slice(pair.pd, index), self._size)
+    return {'target': fastmri.image_from_kspace(target_kspace, self._size), 'aux': aux,
+            'kspace': target_kspace, 'record': SliceRecord(i, pair.pdfs.name, index)}
+
+  def __repr__(self) -> str:
+    return f'KneeSlices({len(self._pairs)} pairs, {len(self._records)} slices, size {self._size})'
+
+
+def _mask_func(config: ml_collections.ConfigDict) -> masks.MaskFunc:
+  return masks.create_mask_for_mask_type(config.mask_type, [config.center_fraction],
+                                         [config.acceleration])
+
+
+class Undersample(grain.RandomMapTransform):
+  """Masks the target's k-space, and normalises the zero-filled image, target and auxiliary.
+
+  Training masks come from grain's per-record generator, a function of the sampler's seed and
+  the record's position in the stream (so of the epoch too): reproducible for a given seed and
+  process count. Test masks (`fixed_per_volume`) are seeded from the volume's file name, as
+  fastMRI does, so every slice of a volume gets the same mask in every run.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, fixed_per_volume: bool):
+    self._fixed = fixed_per_volume
+    self._mask_func = _mask_func(config)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    record = element['record']
+    seed = tuple(map(ord, record.volume)) if self._fixed else int(rng.integers(2**31))
+    cols = element['kspace'].shape[1]
+    lines = self._mask_func((1, cols, 1), seed=seed)[0].reshape(1, cols)  # phase encoding along W
+    size = element['target'].shape[0]
+    under = fastmri.center_crop(np.abs(kspace.ifft2c(element['kspace'] * lines)), size)
+    example = transforms.normalize_example(under.astype(np.float32), element['target'],
+                                           element['aux'])
+    # On the image's own k-space grid: exact for BraTS; for fastMRI the measured columns,
+    # cropped like the image.
+    image_mask = np.broadcast_to(fastmri.center_crop(lines, size), (size, size))
+    return {**{k: example[k][..., None] for k in ('target_under', 'aux', 'target')},
+            'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std']}
+
+
+def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAccessDataSource:
+  """The slices of `split` ('train' or 'test') of the configured data set."""
+  data = config.data
+  root = Path(data.root)
+  if data.dataset in BRATS_LIKE:
+    subjects = brats.find_subjects(root / 'brats' if data.dataset == 'demo' else root)
+    names = brats.split_subjects(subjects, data.test_fraction, config.seed,
+                                 data.split_file or None)[split]
+    chosen = [s for s in subjects if s.name in set(names)]
+    return BratsSlices(chosen, data.image_size, data.percentile, data.min_foreground)
+  if data.dataset == 'fastmri':
+    csv_file = data.get(f'{split}_pairs') or ''
+    if not csv_file:
+      raise DataError(f'config.data.{split}_pairs: name the CSV of PD/PDFS pairs for {split}')
+    return KneeSlices(fastmri.read_pairs(csv_file, root), data.image_size)
+  raise DataError(f'config.data.dataset: unknown data set {data.dataset!r}; '
+                  f'use "demo", "brats" or "fastmri"')
+
+
+def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
+                num_epochs: int | None = None, shuffle: bool | None = None,
+                shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
+  """A grain DataLoader of batches; each process reads its own shard of the records."""
+  source = make_source(config, split)
+  training = split == 'train'
+  sampler = grain.IndexSampler(
+      len(source), shard_options or grain.ShardByJaxProcess(drop_remainder=training),
+      shuffle=training if shuffle is None else shuffle, num_epochs=num_epochs, seed=config.seed)
+  operations = [Undersample(config.data, fixed_per_volume=not training),
+                grain.Batch(batch_size, drop_remainder=training)]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=config.data.worker_count)
