@@ -25,11 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = ''
   config.data.acceleration = 4
   config.data.image_size = 240
-  config.data.mask_type = 'random'  # a fastMRI mask type; lines along the image's W axis
+  config.data.mask_type = 'random'  # a fastMRI mask type (whole lines), or 'gaussian' (2-D)
+  config.data.mask_axis = 1  # lines at positions along W (1) or H (0)
   config.data.center_fraction = 0.08  # 0.04 at 8x
   config.data.percentile = 99.5  # BraTS intensity scaling: robust max per volume
   config.data.min_foreground = 0.1  # skip slices with less foreground than this fraction
   config.data.test_fraction = 0.25  # subject-level split 3:1, as the paper
+  config.data.skip_bad_subjects = False  # True: log and skip unreadable subjects, else stop
   config.data.split_file = ''  # where to write / read the split ('' = recompute, write nothing)
   config.data.train_pairs = ''  # fastMRI: CSV of PD/PDFS file pairs per split
   config.data.test_pairs = ''

@@ -8,8 +8,10 @@ its file name as fastMRI does.
 """
 
 import dataclasses
+import logging
 from pathlib import Path
 
+from absl import flags
 import grain.python as grain
 import ml_collections
 import numpy as np
@@ -30,12 +32,25 @@ class BratsSlices(grain.RandomAccessDataSource):
   """Axial slices (T2 target, T1 auxiliary) of the subjects of one split."""
 
   def __init__(self, subjects: list[brats.Subject], image_size: int, percentile: float,
-               min_foreground: float):
+               min_foreground: float, skip_bad_subjects: bool = False):
     self._args = (image_size, percentile)
-    self._records = [
-        (subject, index) for subject in subjects
-        for index in brats.foreground_slices(brats.load_subject(subject, *self._args)[1],
-                                             min_foreground)]
+    self._records, skipped = [], []
+    for subject in subjects:
+      try:
+        t2 = brats.load_subject(subject, *self._args)[1]
+      except DataError as e:
+        if not skip_bad_subjects:
+          raise
+        logging.warning('skipping subject %s: %s', subject.name, e)
+        skipped.append(subject.name)
+        continue
+      self._records += [(subject, i) for i in brats.foreground_slices(t2, min_foreground)]
+    if skipped:
+      logging.warning('skipped %d of %d subjects with unusable data: %s', len(skipped),
+                      len(subjects), ', '.join(skipped))
+    if not self._records:
+      raise DataError(f'no usable slices in {len(subjects)} subjects '
+                      f'({subjects[0].t2.parent.parent if subjects else "no subjects"})')
     self._description = (f'BratsSlices({len(subjects)} subjects, {len(self._records)} slices, '
                          f'first {subjects[0].name if subjects else None}, size {image_size})')
 
@@ -73,9 +88,15 @@ class KneeSlices(grain.RandomAccessDataSource):
     return f'KneeSlices({len(self._pairs)} pairs, {len(self._records)} slices, size {self._size})'
 
 
-def _mask_func(config: ml_collections.ConfigDict) -> masks.MaskFunc:
-  return masks.create_mask_for_mask_type(config.mask_type, [config.center_fraction],
-                                         [config.acceleration])
+def sampling_mask(config: ml_collections.ConfigDict, shape: tuple[int, int], seed) -> np.ndarray:
+  """The (rows, cols) k-space mask of `config.mask_type`: a fastMRI type samples whole lines
+  at positions along `config.mask_axis` (1: columns, fastMRI's phase encoding); 'gaussian' is
+  the 2-D variable-density mask."""
+  if config.mask_type == 'gaussian':
+    return masks.gaussian_mask(shape, config.acceleration, config.center_fraction, seed=seed)
+  mask_func = masks.create_mask_for_mask_type(config.mask_type, [config.center_fraction],
+                                              [config.acceleration])
+  return masks.cartesian_mask(mask_func, shape, axis=config.mask_axis, seed=seed)
 
 
 class Undersample(grain.RandomMapTransform):
@@ -88,21 +109,19 @@ class Undersample(grain.RandomMapTransform):
   """
 
   def __init__(self, config: ml_collections.ConfigDict, fixed_per_volume: bool):
-    self._fixed = fixed_per_volume
-    self._mask_func = _mask_func(config)
+    self._config, self._fixed = config, fixed_per_volume
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     record = element['record']
     seed = tuple(map(ord, record.volume)) if self._fixed else int(rng.integers(2**31))
-    cols = element['kspace'].shape[1]
-    lines = self._mask_func((1, cols, 1), seed=seed)[0].reshape(1, cols)  # phase encoding along W
+    mask = sampling_mask(self._config, element['kspace'].shape, seed)
     size = element['target'].shape[0]
-    under = fastmri.center_crop(np.abs(kspace.ifft2c(element['kspace'] * lines)), size)
+    under = fastmri.center_crop(np.abs(kspace.ifft2c(element['kspace'] * mask)), size)
     example = transforms.normalize_example(under.astype(np.float32), element['target'],
                                            element['aux'])
-    # On the image's own k-space grid: exact for BraTS; for fastMRI the measured columns,
+    # On the image's own k-space grid: exact for BraTS; for fastMRI the measured k-space
     # cropped like the image.
-    image_mask = np.broadcast_to(fastmri.center_crop(lines, size), (size, size))
+    image_mask = fastmri.center_crop(mask, size)
     return {**{k: example[k][..., None] for k in ('target_under', 'aux', 'target')},
             'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std']}
 
@@ -116,7 +135,8 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
     names = brats.split_subjects(subjects, data.test_fraction, config.seed,
                                  data.split_file or None)[split]
     chosen = [s for s in subjects if s.name in set(names)]
-    return BratsSlices(chosen, data.image_size, data.percentile, data.min_foreground)
+    return BratsSlices(chosen, data.image_size, data.percentile, data.min_foreground,
+                       data.skip_bad_subjects)
   if data.dataset == 'fastmri':
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
@@ -135,6 +155,10 @@ def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
   sampler = grain.IndexSampler(
       len(source), shard_options or grain.ShardByJaxProcess(drop_remainder=training),
       shuffle=training if shuffle is None else shuffle, num_epochs=num_epochs, seed=config.seed)
+  if config.data.worker_count and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside an absl app (a notebook, a test) they
+    # have not been parsed, and the defaults are what we want.
+    flags.FLAGS.mark_as_parsed()
   operations = [Undersample(config.data, fixed_per_volume=not training),
                 grain.Batch(batch_size, drop_remainder=training)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
