@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_pairs = ''  # fastMRI: CSV of PD/PDFS file pairs per split
   config.data.test_pairs = ''
   config.data.worker_count = 0  # grain worker processes
+  config.data.cache_dir = ''  # decoded BraTS volumes ('' = $XDG_CACHE_HOME/fsmnet-jax)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 4

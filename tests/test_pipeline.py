@@ -1,6 +1,7 @@
 """grain pipelines on the demo data: batches, reproducibility, resume, sharding, fixed test masks."""
 
 import shutil
+from pathlib import Path
 
 import grain.python as grain
 import numpy as np
@@ -17,6 +18,7 @@ def config(tmp_path_factory):
   make_demo_data(root, seed=0, num_subjects=4, num_knee_pairs=2, image_size=32, num_slices=8)
   config = tiny.get_config()
   config.data.root = str(root)
+  config.data.cache_dir = str(tmp_path_factory.mktemp('cache'))
   return config
 
 
@@ -137,3 +139,18 @@ def test_worker_processes_are_deterministic_and_resumable(config):
   for a, b in zip(actual, expected):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_decoded_volumes_are_cached_outside_the_data(config, tmp_path):
+  fresh = config.copy_and_resolve_references()
+  fresh.data.cache_dir = str(tmp_path / 'cache')
+  data_files = sorted(Path(config.data.root).rglob('*'))
+  source = pipeline.make_source(fresh, 'train')
+  cached = sorted((tmp_path / 'cache').iterdir())
+  assert len(cached) == 3 and all(p.suffix == '.npy' for p in cached)  # the training subjects
+  assert sorted(Path(config.data.root).rglob('*')) == data_files  # nothing written there
+  example = source[0]
+  assert example['target'].shape == example['aux'].shape == (32, 32)
+  first_mtime = cached[0].stat().st_mtime_ns
+  pipeline.make_source(fresh, 'train')
+  assert cached[0].stat().st_mtime_ns == first_mtime  # reused, not decoded again

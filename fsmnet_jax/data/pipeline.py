@@ -32,19 +32,20 @@ class BratsSlices(grain.RandomAccessDataSource):
   """Axial slices (T2 target, T1 auxiliary) of the subjects of one split."""
 
   def __init__(self, subjects: list[brats.Subject], image_size: int, percentile: float,
-               min_foreground: float, skip_bad_subjects: bool = False):
-    self._args = (image_size, percentile)
+               min_foreground: float, skip_bad_subjects: bool = False,
+               cache_dir: str | None = None):
     self._records, skipped = [], []
     for subject in subjects:
       try:
-        t2 = brats.load_subject(subject, *self._args)[1]
+        volumes = brats.cached_subject(subject, image_size, percentile, cache_dir)
       except DataError as e:
         if not skip_bad_subjects:
           raise
         logging.warning('skipping subject %s: %s', subject.name, e)
         skipped.append(subject.name)
         continue
-      self._records += [(subject, i) for i in brats.foreground_slices(t2, min_foreground)]
+      self._records += [(volumes.filename, subject.t2.name, i)
+                        for i in brats.foreground_slices(volumes[1], min_foreground)]
     if skipped:
       logging.warning('skipped %d of %d subjects with unusable data: %s', len(skipped),
                       len(subjects), ', '.join(skipped))
@@ -58,10 +59,10 @@ class BratsSlices(grain.RandomAccessDataSource):
     return len(self._records)
 
   def __getitem__(self, i: int) -> dict:
-    subject, index = self._records[i]
-    t1, t2 = brats.load_subject(subject, *self._args)
-    return {'target': t2[index], 'aux': t1[index], 'kspace': kspace.fft2c(t2[index]),
-            'record': SliceRecord(i, subject.t2.name, index)}
+    cache_file, volume, index = self._records[i]
+    t1, t2 = np.load(cache_file, mmap_mode='r')[:, index]
+    return {'target': np.array(t2), 'aux': np.array(t1), 'kspace': kspace.fft2c(t2),
+            'record': SliceRecord(i, volume, index)}
 
   def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
     return self._description
@@ -136,7 +137,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
                                  data.split_file or None)[split]
     chosen = [s for s in subjects if s.name in set(names)]
     return BratsSlices(chosen, data.image_size, data.percentile, data.min_foreground,
-                       data.skip_bad_subjects)
+                       data.skip_bad_subjects, data.cache_dir or None)
   if data.dataset == 'fastmri':
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
