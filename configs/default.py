@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = ''
   config.data.acceleration = 4
   config.data.image_size = 240
-  config.data.mask_type = 'random'  # a fastMRI mask type (whole lines), or 'gaussian' (2-D)
+  config.data.mask_type = 'random'  # a fastMRI mask type (whole lines), 'gaussian' or 'poisson' (2-D)
   config.data.mask_axis = 1  # lines at positions along W (1) or H (0)
   config.data.center_fraction = 0.08  # 0.04 at 8x
   config.data.percentile = 99.5  # BraTS intensity scaling: robust max per volume

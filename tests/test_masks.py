@@ -97,3 +97,16 @@ def test_unknown_mask_type():
   with pytest.raises(ValueError, match="unknown mask type 'radial'"):
     masks.create_mask_for_mask_type('radial', [0.08], [4])
   assert isinstance(masks.create_mask_for_mask_type('magic', [0.08], [4]), masks.MagicMaskFunc)
+
+
+def test_poisson_disc_mask_spacing_density_and_reproducibility():
+  mask = masks.poisson_disc_mask((96, 80), 4, seed=2)
+  assert abs(mask.size / mask.sum() / 4 - 1) < 0.03
+  centre = round(0.08 * 96), round(0.08 * 80)
+  assert mask[(96 - centre[0]) // 2:(96 + centre[0]) // 2, (80 - centre[1]) // 2:(80 + centre[1]) // 2].all()
+  assert mask[38:58, 30:50].mean() > mask[:15, :15].mean() + 0.1  # variable density
+  # Outside the centre no two sampled points touch diagonally or directly at the edges,
+  # where the disc radius is largest.
+  edge = mask[:12, :]
+  assert not np.any(edge[:, 1:] * edge[:, :-1]) and not np.any(edge[1:] * edge[:-1])
+  np.testing.assert_array_equal(mask, masks.poisson_disc_mask((96, 80), 4, seed=2))

@@ -105,6 +105,9 @@ def test_mask_types_and_axes(config):
   [batch] = _batches(pipeline.make_loader(rows_config, 'train', 2), 1)[1]
   assert batch['mask'][0].sum() == round(32 * 32 / 4)
   assert not np.all(batch['mask'][0] == batch['mask'][0][:1])  # not whole lines
+  rows_config.data.mask_type = 'poisson'
+  poisson = pipeline.sampling_mask(rows_config.data, (32, 32), seed=1)
+  assert abs(poisson.size / poisson.sum() / 4 - 1) < 0.05
 
 
 def test_bad_subjects_stop_or_are_skipped(config, tmp_path, caplog):

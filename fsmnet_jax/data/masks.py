@@ -204,3 +204,49 @@ def gaussian_mask(image_shape: tuple[int, int], acceleration: float, center_frac
                       p=(density / density.sum()).ravel())
   mask.ravel()[chosen] = 1
   return mask
+
+
+def poisson_disc_mask(image_shape: tuple[int, int], acceleration: float,
+                      center_fraction: float = 0.08, growth: float = 3.0, seed: Seed = None,
+                      passes: int = 6) -> np.ndarray:
+  """2-D variable-density Poisson-disc mask: points no closer than r(k) = r0 * (1 + growth *
+  |k| / k_max) to each other (denser at the centre, never clumped), plus a fully-sampled
+  central square; r0 is tuned so that about H*W/acceleration points are sampled (within ~2%).
+
+  Dart throwing in a fixed random order: about 1 s per 240 px mask on a 2-core CPU.
+  """
+  height, width = image_shape
+  rng = np.random.default_rng(seed)
+  rows, cols = np.divmod(rng.permutation(height * width), width)
+  ky = (np.arange(height) - height / 2) / (height / 2)
+  kx = (np.arange(width) - width / 2) / (width / 2)
+  profile = (1 + growth * np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2))[rows, cols]
+  center = np.zeros(image_shape, bool)
+  ch, cw = max(1, round(height * center_fraction)), max(1, round(width * center_fraction))
+  center[(height - ch) // 2:(height - ch) // 2 + ch, (width - cw) // 2:(width - cw) // 2 + cw] = True
+  target = round(height * width / acceleration)
+
+  def throw(r0: float) -> np.ndarray:
+    pad = int(np.ceil(r0 * (1 + growth * np.sqrt(2)))) + 1
+    taken = np.zeros((height + 2 * pad, width + 2 * pad), bool)
+    taken[pad:-pad, pad:-pad] = center
+    for y, x, r in zip(rows.tolist(), cols.tolist(), (r0 * profile).tolist()):
+      reach = int(r)
+      if reach:
+        window = taken[y + pad - reach:y + pad + reach + 1, x + pad - reach:x + pad + reach + 1]
+        near_y, near_x = np.nonzero(window)
+        if near_y.size and np.min((near_y - reach) ** 2 + (near_x - reach) ** 2) < r * r:
+          continue
+      taken[y + pad, x + pad] = True
+    return taken[pad:-pad, pad:-pad]
+
+  # The count falls roughly as 1 / r0^2: a few multiplicative updates converge.
+  r0, best = 1.5, None
+  for _ in range(passes):
+    mask = throw(r0)
+    if best is None or abs(mask.sum() - target) < abs(best.sum() - target):
+      best = mask
+    if abs(mask.sum() / target - 1) < 0.01:
+      break
+    r0 *= np.sqrt(mask.sum() / target)
+  return best.astype(np.float32)

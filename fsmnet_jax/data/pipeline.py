@@ -92,9 +92,11 @@ class KneeSlices(grain.RandomAccessDataSource):
 def sampling_mask(config: ml_collections.ConfigDict, shape: tuple[int, int], seed) -> np.ndarray:
   """The (rows, cols) k-space mask of `config.mask_type`: a fastMRI type samples whole lines
   at positions along `config.mask_axis` (1: columns, fastMRI's phase encoding); 'gaussian' is
-  the 2-D variable-density mask."""
+  the 2-D variable-density random mask, 'poisson' the 2-D variable-density Poisson-disc one."""
   if config.mask_type == 'gaussian':
     return masks.gaussian_mask(shape, config.acceleration, config.center_fraction, seed=seed)
+  if config.mask_type == 'poisson':
+    return masks.poisson_disc_mask(shape, config.acceleration, config.center_fraction, seed=seed)
   mask_func = masks.create_mask_for_mask_type(config.mask_type, [config.center_fraction],
                                               [config.acceleration])
   return masks.cartesian_mask(mask_func, shape, axis=config.mask_axis, seed=seed)
