@@ -89,6 +89,9 @@ def test_fastmri_source_and_config_errors(config, tmp_path):
   knee.data.image_size = 24
   [batch] = _batches(pipeline.make_loader(knee, 'train', 2), 1)[1]
   assert batch['target'].shape == (2, 24, 24, 1)
+  knee.data.image_size = 48
+  with pytest.raises(DataError, match=r'file_demo0000.h5: its reconstruction size 32x32'):
+    pipeline.make_source(knee, 'train')
   knee.data.dataset = 'oasis'
   with pytest.raises(DataError, match="unknown data set 'oasis'"):
     pipeline.make_source(knee, 'train')

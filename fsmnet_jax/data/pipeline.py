@@ -73,6 +73,12 @@ class KneeSlices(grain.RandomAccessDataSource):
 
   def __init__(self, pairs: list[fastmri.KneePair], image_size: int):
     self._pairs, self._size = pairs, image_size
+    for pair in pairs:
+      for path in (pair.pd, pair.pdfs):
+        recon = fastmri.read_header(path)['recon_size']
+        if min(recon) < image_size:
+          raise DataError(f'{path}: its reconstruction size {recon[0]}x{recon[1]} (ISMRMRD '
+                          f'header) is smaller than config.data.image_size {image_size}')
     self._records = [(pair, index) for pair in pairs for index in range(pair.num_slices)]
 
   def __len__(self) -> int:
