@@ -36,7 +36,10 @@ def test_fft2c_matches_fastmri():
   image = _image(1, (45, 38))  # odd sizes: the shift conventions differ there if anywhere
   as_real = torch.from_numpy(np.stack([image, np.zeros_like(image)], axis=-1))
   theirs = fftc.fft2c_new(as_real).numpy()
-  np.testing.assert_allclose(kspace.fft2c(image), theirs[..., 0] + 1j * theirs[..., 1], atol=1e-12)
+  np.testing.assert_allclose(kspace.fft2c(image), kspace.to_complex(theirs), atol=1e-12)
+  np.testing.assert_array_equal(kspace.to_real_imag(kspace.to_complex(theirs)), theirs)
+  with pytest.raises(ValueError, match='last axis of 2'):
+    kspace.to_complex(image)
 
 
 def test_undersampling():

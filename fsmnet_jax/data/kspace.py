@@ -34,6 +34,18 @@ def ifft2c_jnp(kspace: jnp.ndarray) -> jnp.ndarray:
                           axes=SPATIAL_AXES)
 
 
+def to_complex(real_imag: np.ndarray) -> np.ndarray:
+  """Complex array from fastMRI's real layout (..., 2) holding (real, imaginary)."""
+  if real_imag.shape[-1] != 2:
+    raise ValueError(f'expected a last axis of 2 (real, imaginary); got shape {real_imag.shape}')
+  return real_imag[..., 0] + 1j * real_imag[..., 1]
+
+
+def to_real_imag(values: np.ndarray) -> np.ndarray:
+  """fastMRI's real layout (..., 2) of a complex array."""
+  return np.stack([values.real, values.imag], axis=-1)
+
+
 def zero_filled(kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Magnitude image of the masked k-space (unmeasured entries set to zero)."""
   return np.abs(ifft2c(kspace * mask)).astype(np.float32)
