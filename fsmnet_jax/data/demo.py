@@ -14,7 +14,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 
-from fsmnet_jax.data import kspace
+from fsmnet_jax.data import fastmri, kspace
 from fsmnet_jax.data.phantoms import head_phantom
 from fsmnet_jax.files import write_atomically
 
@@ -54,17 +54,16 @@ def write_brats(root: Path, num_subjects: int, image_size: int, num_slices: int,
 
 
 def _write_knee_h5(path: Path, images: np.ndarray, crop: int, acquisition: str) -> None:
-  slices, height, width = images.shape
+  _, height, width = images.shape
   rows = np.linspace(-1, 1, height)[:, None]
   phase = np.exp(1j * np.pi * 0.3 * (rows + 0.5 * np.linspace(-1, 1, width)[None]))
   volume_kspace = kspace.fft2c(images * phase).astype(np.complex64)
-  top, left = (height - crop) // 2, (width - crop) // 2
-  reconstruction = np.abs(kspace.ifft2c(volume_kspace))[:, top:top + crop, left:left + crop]
+  reconstruction = fastmri.image_from_kspace(volume_kspace, crop)
 
   def write(tmp: Path) -> None:
     with h5py.File(tmp, 'w') as f:
       f.create_dataset('kspace', data=volume_kspace)
-      f.create_dataset('reconstruction_esc', data=reconstruction.astype(np.float32))
+      f.create_dataset('reconstruction_esc', data=reconstruction)
       f.create_dataset('ismrmrd_header', data=ISMRMRD_HEADER.format(
           kx=height, ky=width, rx=crop, ry=crop, ky_max=width - 1, ky_center=width // 2).encode())
       f.attrs['acquisition'] = acquisition

@@ -95,7 +95,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def image_from_kspace(slice_kspace: np.ndarray, crop: int, mask: np.ndarray | None = None
                       ) -> np.ndarray:
-  """|IFFT(mask * kspace)| center-cropped to `crop`: the zero-filled image when masked, the
-  fully-sampled one without a mask. Masks act on the measured (uncropped) k-space lines."""
+  """|IFFT(mask * kspace)| center-cropped to `crop` (over the last two axes, so slices or
+  volumes): the zero-filled image when masked, the fully-sampled one without a mask. Masks act
+  on the measured (uncropped) k-space."""
   sampled = slice_kspace if mask is None else slice_kspace * mask
   return center_crop(np.abs(kspace.ifft2c(sampled)), crop).astype(np.float32)

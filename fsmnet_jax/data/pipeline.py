@@ -125,9 +125,8 @@ class Undersample(grain.RandomMapTransform):
     seed = tuple(map(ord, record.volume)) if self._fixed else int(rng.integers(2**31))
     mask = sampling_mask(self._config, element['kspace'].shape, seed)
     size = element['target'].shape[0]
-    under = fastmri.center_crop(np.abs(kspace.ifft2c(element['kspace'] * mask)), size)
-    example = transforms.normalize_example(under.astype(np.float32), element['target'],
-                                           element['aux'])
+    under = fastmri.image_from_kspace(element['kspace'], size, mask)
+    example = transforms.normalize_example(under, element['target'], element['aux'])
     # On the image's own k-space grid: exact for BraTS; for fastMRI the measured k-space
     # cropped like the image.
     image_mask = fastmri.center_crop(mask, size)
