@@ -18,6 +18,8 @@ from fsmnet_jax.layers import ConvAct
 ENCODER_LEVELS = ('down1', 'down2', 'down3', 'neck')
 DECODER_LEVELS = ('up1', 'up2', 'up3')
 DOWNSAMPLING_FACTOR = 8  # three 2x downsamplings
+NUM_FS_FUSIONS = 2 * (len(ENCODER_LEVELS) + len(DECODER_LEVELS))  # after each stage and its _mo
+NUM_CMS_FUSIONS = 1 + len(ENCODER_LEVELS)  # per branch: after the head and each encoder _mo
 
 
 class Stage(nn.Module):
@@ -131,7 +133,7 @@ class FSMNet(nn.Module):
 
   def _target_frequency_unet(self, x: jax.Array, aux_features: list[jax.Array]
                              ) -> tuple[jax.Array, list[jax.Array]]:
-    """Returns the frequency branch's residual image and the 14 features FS-fusion takes."""
+    """Returns the frequency branch's residual image and the NUM_FS_FUSIONS features FS-fusion takes."""
     x = self._cms_fusion(True, 0)(aux_features[0], self._head(True)(x))
     skips = [x]
     for_fs_fusion = []
@@ -154,7 +156,7 @@ class FSMNet(nn.Module):
   def _target_spatial_unet(self, x: jax.Array, aux_features: list[jax.Array],
                            freq_features: list[jax.Array] | None) -> jax.Array:
     """Returns the spatial branch's residual image."""
-    freq_features = freq_features or [None] * 2 * (len(ENCODER_LEVELS) + len(DECODER_LEVELS))
+    freq_features = freq_features or [None] * NUM_FS_FUSIONS
     freq_features = iter(enumerate(freq_features))
 
     def fs_fusion(spatial):

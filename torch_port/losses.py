@@ -2,7 +2,7 @@
 
 import torch
 
-FREQUENCY_LOSS_WEIGHT = 0.01
+from fsmnet_jax.losses import FREQUENCY_LOSS_WEIGHT
 
 
 def reference_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,

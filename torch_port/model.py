@@ -7,10 +7,9 @@ loads checkpoints trained with the reference code with `strict=True`.
 import torch
 from torch import nn
 
-ENCODER_LEVELS = ('down1', 'down2', 'down3', 'neck')
-DECODER_LEVELS = ('up1', 'up2', 'up3')
-FFT_EPS = 1e-8
-NON_FINITE_FILL = 1e-5
+from fsmnet_jax.blocks import FFT_EPS
+from fsmnet_jax.layers import NON_FINITE_FILL
+from fsmnet_jax.model import DECODER_LEVELS, ENCODER_LEVELS, NUM_CMS_FUSIONS, NUM_FS_FUSIONS
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
@@ -195,12 +194,14 @@ class TorchFSMNet(nn.Module):
     for branch, t1 in branches:
       self._add_branch(f, branch, t1, decoder=True)
     if use_fs_fusion:
-      self.conv_fuse = nn.ModuleList(FSFusion(f, num_heads, use_spa_att) for _ in range(14))
+      self.conv_fuse = nn.ModuleList(FSFusion(f, num_heads, use_spa_att)
+                                     for _ in range(NUM_FS_FUSIONS))
     for branch, _ in branches:
       self._add_branch(f, branch, '_T1', decoder=False)
     if use_cms_fusion:
       for branch in ('fre', 'spa') if use_frequency_branch else ('spa',):
-        setattr(self, f'conv_fuse_{branch}', nn.ModuleList(CMSFusion(f) for _ in range(5)))
+        setattr(self, f'conv_fuse_{branch}',
+                nn.ModuleList(CMSFusion(f) for _ in range(NUM_CMS_FUSIONS)))
 
   def _add_branch(self, f: int, branch: str, t1: str, decoder: bool) -> None:
     def block():
@@ -259,8 +260,8 @@ class TorchFSMNet(nn.Module):
     return self.tail_fre(x), for_fs
 
   def _spatial_unet(self, main, aux_features, freq_features):
-    freq_features = iter(freq_features or [None] * 14)
-    index = iter(range(14))
+    freq_features = iter(freq_features or [None] * NUM_FS_FUSIONS)
+    index = iter(range(NUM_FS_FUSIONS))
 
     def fs(spatial):
       return self._fs(next(index), next(freq_features), spatial)
