@@ -1,4 +1,4 @@
-"""The paper's FSMNet: BraTS, T1 guiding 4x-undersampled T2, 240x240, batch 4, 100k steps.
+"""Every setting, with the paper's FSMNet: BraTS, T1 guiding 4x T2, 240x240, batch 4, 100k steps.
 
 The model section holds `fsmnet_jax.model.FSMNet`'s attributes: `FSMNet(**config.model)`.
 Override any field on the command line as `--config.model.num_features=32`.
@@ -39,7 +39,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache_dir = ''  # decoded BraTS volumes ('' = $XDG_CACHE_HOME/fsmnet-jax)
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 4
+  config.train.batch_size = 4  # global: split over all devices of all processes
   config.train.num_steps = 100_000
   config.train.learning_rate = 1e-4
+  config.train.schedule = 'reference'  # x0.5 every decay_every steps; 'paper': x0.1; 'constant'
+  config.train.decay_every = 20_000
+  config.train.clip_norm = 0.01  # global gradient norm, as torch's clip_grad_norm_ (0: off)
+  config.train.b1 = 0.9
+  config.train.b2 = 0.999
+  config.train.weight_decay = 1e-4
+  config.train.ema_decay = 0.0  # e.g. 0.999 keeps an EMA of the parameters, used for eval
+  config.train.grad_accum_steps = 1  # micro-batches per step (each batch_size / this)
+  config.train.compute_dtype = 'float32'  # 'bfloat16': bf16 convs, fp32 params, loss and FFTs
+  config.train.shard_optimizer_state = False  # FSDP-style: Adam moments split over `data`
+  config.train.log_every = 100
+  config.train.checkpoint_every = 5_000
+  config.train.keep_checkpoints = 3  # the latest ones, plus the best by eval PSNR
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = 5_000  # steps between evaluations on the test split (and at the end)
+  config.eval.batch_size = 4  # global
+  config.eval.max_batches = 0  # 0: the whole split
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.model = 1  # devices per model replica; the rest form the `data` axis
   return config

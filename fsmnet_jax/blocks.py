@@ -67,6 +67,9 @@ class FreBlock(nn.Module):
     imag = amp * jnp.sin(pha) + FFT_EPS
     # The reference adds FFT_EPS once more to the complex spectrum: it lands on the real part.
     y = jnp.abs(fourier.inverse_amplitude_phase(real + FFT_EPS, imag, height, width))
+    # The spectral convolutions ran in float32; go back to the compute precision (bfloat16 in
+    # mixed-precision training) for the rest of the network.
+    y = y.astype(x.dtype)
     return replace_non_finite(Conv2d(c, 1, name='post')(y) + x)
 
 

@@ -1,9 +1,11 @@
-"""Flax variables as a standalone orbax checkpoint (a converted or exported model)."""
+"""Orbax checkpoints: a model's variables on their own (converted or exported), and training runs."""
 
 import os
 from pathlib import Path
 from typing import Any
 
+import grain.python as grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -46,3 +48,84 @@ def _to_numpy(tree):
   if isinstance(tree, dict):
     return {k: _to_numpy(v) for k, v in tree.items()}
   return np.asarray(tree)
+
+
+class TrainCheckpoints:
+  """A training run's checkpoints in `directory`, through an orbax `CheckpointManager`.
+
+  Each step folder holds the train state ('state': params, optimizer state, step, RNG, EMA)
+  and the grain iterator position of every process ('data'). Saves are asynchronous and
+  atomic: a save cut short (a kill -9) leaves a temporary folder that is never restored and is
+  cleaned up at the next start. The latest `keep` are kept, plus the best by `best_metric`.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int, best_metric: str):
+    self.directory = Path(directory).absolute()
+    policies = ocp.checkpoint_managers.preservation_policy
+    keep_policy = policies.AnyPreservationPolicy([
+        policies.LatestN(keep),
+        policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep_policy,
+                                           cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def check_compatible(self, step: int, state: Any) -> None:
+    """Raises CheckpointError unless checkpoint `step` holds arrays of `state`'s shapes."""
+    folder = self.directory / str(step)
+    try:
+      saved = self._manager.item_metadata(step)['state']
+    except Exception as e:  # orbax raises many types for damaged folders
+      raise CheckpointError(f'{folder}: unreadable checkpoint metadata ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:200]})') from e
+    expected = _shapes(state)
+    found = _shapes(saved)
+    if expected != found:
+      missing = sorted(set(expected) - set(found))
+      unexpected = sorted(set(found) - set(expected))
+      reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+      details = '; '.join(f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
+                          for label, keys in (('missing', missing), ('unexpected', unexpected),
+                                              ('other shape', reshaped)) if keys)
+      raise CheckpointError(
+          f'{folder}: this checkpoint is of a different model or optimizer than the config '
+          f'describes ({details}). Use a new --workdir, or the config the run was started '
+          f'with (saved as config.json in the workdir).')
+
+  def restore(self, step: int, state: Any, data_iterator: Any) -> tuple[Any, Any]:
+    """Checkpoint `step` restored into `state`'s structure and shardings, and the iterator."""
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.PyGrainCheckpointRestore(data_iterator)))
+    return restored['state'], restored['data']
+
+  def save(self, step: int, state: Any, data_iterator: Any,
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an asynchronous save (returns once the arrays are copied off the devices)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iterator)),
+        metrics=metrics, force=True)
+
+  def close(self) -> None:
+    """Waits for a save in flight, then releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, 'shape')}
+
+
+def _path_name(path) -> str:
+  # Saved metadata is a nested dict, the live state a dataclass of namedtuples: compare the
+  # names only.
+  return '/'.join(str(getattr(p, 'key', getattr(p, 'name', getattr(p, 'idx', p)))) for p in path)

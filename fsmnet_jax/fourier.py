@@ -21,8 +21,10 @@ def safe_angle(z: jax.Array) -> jax.Array:
 
 
 def amplitude_phase(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Amplitude and phase of the unnormalised ("backward") rfft2 of a real NHWC array."""
-  spectrum = jnp.fft.rfft2(x, axes=SPATIAL_AXES)
+  """Amplitude and phase of the unnormalised ("backward") rfft2 of a real NHWC array, in at
+  least float32 whatever the input's precision: the phase is too sensitive for bfloat16."""
+  at_least_float32 = jnp.promote_types(x.dtype, jnp.float32)
+  spectrum = jnp.fft.rfft2(x.astype(at_least_float32), axes=SPATIAL_AXES)
   return jnp.abs(spectrum), safe_angle(spectrum)
 
 

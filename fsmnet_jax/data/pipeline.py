@@ -13,6 +13,7 @@ from pathlib import Path
 
 from absl import flags
 import grain.python as grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -154,15 +155,59 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
                   f'use "demo", "brats" or "fastmri"')
 
 
+class GlobalBatchSampler:
+  """Draws the record stream a single process would, and gives this process its contiguous
+  slice of every global batch of `batch_size * process_count` records.
+
+  So the global batches (records, order and masks, which are seeded by stream position) do not
+  depend on how many processes share them, and a multi-host run trains on exactly the data
+  of a one-process run; each process still reads only its own records.
+  """
+
+  def __init__(self, num_records: int, batch_size: int, process_index: int, process_count: int,
+               shuffle: bool, num_epochs: int | None, seed: int):
+    self._stream = grain.IndexSampler(num_records, grain.NoSharding(), shuffle=shuffle,
+                                      num_epochs=num_epochs, seed=seed)
+    self._batch_size, self._process_index = batch_size, process_index
+    self._process_count = process_count
+    global_batches = len(self._stream) // (batch_size * process_count)
+    self._length = len(self._stream) if num_epochs is None else global_batches * batch_size
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < self._length:
+      raise IndexError(f'index {index} out of range [0, {self._length})')
+    batch, row = divmod(index, self._batch_size)
+    stream_index = (batch * self._process_count + self._process_index) * self._batch_size + row
+    record = self._stream[stream_index]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
+    return (f'GlobalBatchSampler({self._stream!r}, batch_size={self._batch_size}, '
+            f'process {self._process_index} of {self._process_count})')
+
+
 def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
                 num_epochs: int | None = None, shuffle: bool | None = None,
-                shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
-  """A grain DataLoader of batches; each process reads its own shard of the records."""
-  source = make_source(config, split)
+                shard_options: grain.ShardOptions | None = None,
+                source: grain.RandomAccessDataSource | None = None) -> grain.DataLoader:
+  """A grain DataLoader of batches of `batch_size` (per process); each process reads its own
+  records. Training without `shard_options` uses `GlobalBatchSampler` (process-count
+  independent global batches); otherwise records are sharded by `shard_options` (default: by
+  JAX process). `source` saves re-reading the split when the caller already has it."""
+  source = make_source(config, split) if source is None else source
   training = split == 'train'
-  sampler = grain.IndexSampler(
-      len(source), shard_options or grain.ShardByJaxProcess(drop_remainder=training),
-      shuffle=training if shuffle is None else shuffle, num_epochs=num_epochs, seed=config.seed)
+  shuffle = training if shuffle is None else shuffle
+  if training and shard_options is None:
+    sampler = GlobalBatchSampler(len(source), batch_size, jax.process_index(),
+                                 jax.process_count(), shuffle, num_epochs, config.seed)
+    shard_options = grain.NoSharding()
+  else:
+    shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=training)
+    sampler = grain.IndexSampler(len(source), shard_options, shuffle=shuffle,
+                                 num_epochs=num_epochs, seed=config.seed)
   if config.data.worker_count and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside an absl app (a notebook, a test) they
     # have not been parsed, and the defaults are what we want.
@@ -170,4 +215,4 @@ def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
   operations = [Undersample(config.data, fixed_per_volume=not training),
                 grain.Batch(batch_size, drop_remainder=training)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=config.data.worker_count)
+                          worker_count=config.data.worker_count, shard_options=shard_options)

@@ -1,0 +1,83 @@
+"""Where a training run reports: TensorBoard events, metrics.jsonl, and a console progress bar."""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files and to `workdir/metrics.jsonl` (one JSON object per
+  line: {"step": N, name: value, ...}). Only process 0 writes; the others call it for nothing."""
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    self._enabled = enabled
+    if enabled:
+      workdir = Path(workdir)
+      self._tensorboard = SummaryWriter(str(workdir / TENSORBOARD_DIR))
+      self._jsonl = open(workdir / METRICS_FILE, 'a')
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    scalars = {name: float(value) for name, value in scalars.items()}
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(name, value, step)
+    # NaN/inf would make invalid JSON; they are written as strings.
+    printable = {k: v if math.isfinite(v) else str(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': step, **printable}) + '\n')
+    self._jsonl.flush()
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._tensorboard.close()
+      self._jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
+
+
+class ProgressBar:
+  """One console line: step, loss, steps/s and ETA. Quiet under CI or when not a terminal
+  (log lines tell the progress there)."""
+  WIDTH = 24
+
+  def __init__(self, total_steps: int, start_step: int, stream: TextIO = sys.stderr,
+               enabled: bool | None = None):
+    if enabled is None:
+      enabled = stream.isatty() and not os.environ.get('CI')
+    self._enabled, self._stream = enabled, stream
+    self._total, self._start = total_steps, start_step
+    self._started_at = time.monotonic()
+
+  def update(self, step: int, loss: float | None) -> None:
+    if not self._enabled:
+      return
+    done = step - self._start
+    elapsed = time.monotonic() - self._started_at
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self._total - step) / rate if rate > 0 else float('nan')
+    filled = int(self.WIDTH * step / max(self._total, 1))
+    bar = '#' * filled + '.' * (self.WIDTH - filled)
+    loss_text = f'{loss:.4f}' if loss is not None else '-'
+    eta_text = _duration(eta) if math.isfinite(eta) else '-'
+    self._stream.write(f'\r[{bar}] step {step}/{self._total}  loss {loss_text}  '
+                       f'{rate:.2f} steps/s  ETA {eta_text} ')
+    self._stream.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._stream.write('\n')
+      self._stream.flush()

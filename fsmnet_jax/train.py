@@ -1,0 +1,371 @@
+"""Training: one sharded, jitted train step; orbax checkpoints with exact resume; evaluation.
+
+`train_and_evaluate(config, workdir)` is the library entry (`fsmnet-train` calls it). The mesh
+has a `data` axis over which batches are split and a `model` axis (size `config.mesh.model`,
+1 by default) left for model parallelism; parameters are replicated, the optimizer state too
+unless `config.train.shard_optimizer_state`. A run stopped any way (its end, SIGTERM/SIGINT,
+kill -9) resumes from the latest complete checkpoint in `workdir` and continues bit for bit.
+"""
+
+import functools
+import json
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fsmnet_jax import losses, metrics, optim
+from fsmnet_jax.checkpoint import TrainCheckpoints
+from fsmnet_jax.data import pipeline
+from fsmnet_jax.files import write_atomically
+from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, init_variables
+from fsmnet_jax.reporting import MetricWriter, ProgressBar
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SCHEDULE_DECAY = {'reference': 0.5, 'paper': 0.1, 'constant': 1.0}
+TRAIN_KEYS = ('target_under', 'aux', 'target')
+BEST_METRIC = 'eval_psnr'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the key."""
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus an EMA of the parameters (None without EMA) and the run's RNG."""
+  ema_params: Any
+  rng: jax.Array
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """All devices of all processes as a (data, model) mesh."""
+  devices = np.array(jax.devices())
+  model_size = config.mesh.model
+  if model_size < 1 or devices.size % model_size:
+    raise ConfigError(f'config.mesh.model={model_size} must divide the {devices.size} devices')
+  return Mesh(devices.reshape(devices.size // model_size, model_size), ('data', 'model'))
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Raises ConfigError for settings that cannot run on `mesh`, before any data or compute."""
+  data_size, processes = mesh.shape['data'], jax.process_count()
+  train, size = config.train, config.data.image_size
+  problems = []
+  if size % DOWNSAMPLING_FACTOR:
+    problems.append(f'config.data.image_size={size} must be divisible by '
+                    f'{DOWNSAMPLING_FACTOR} (three 2x downsamplings)')
+  for key, batch in (('train.batch_size', train.batch_size),
+                     ('eval.batch_size', config.eval.batch_size)):
+    if batch < 1 or batch % data_size or batch % processes:
+      problems.append(f'config.{key}={batch} must be a positive multiple of the {data_size} '
+                      f'devices of the data axis ({processes} process(es))')
+  per_device = train.batch_size // max(data_size, 1)
+  if train.grad_accum_steps < 1 or per_device % train.grad_accum_steps:
+    problems.append(f'config.train.grad_accum_steps={train.grad_accum_steps} must divide the '
+                    f'per-device batch ({per_device})')
+  if train.schedule not in SCHEDULE_DECAY:
+    problems.append(f'config.train.schedule={train.schedule!r}: use one of '
+                    f'{", ".join(SCHEDULE_DECAY)}')
+  if train.compute_dtype not in COMPUTE_DTYPES:
+    problems.append(f'config.train.compute_dtype={train.compute_dtype!r}: use one of '
+                    f'{", ".join(COMPUTE_DTYPES)}')
+  if not 0 <= train.ema_decay < 1:
+    problems.append(f'config.train.ema_decay={train.ema_decay} must be in [0, 1)')
+  for key in ('train.num_steps', 'train.log_every', 'train.checkpoint_every', 'eval.every',
+              'train.keep_checkpoints'):
+    section, name = key.split('.')
+    if config[section][name] < 1:
+      problems.append(f'config.{key}={config[section][name]} must be at least 1')
+  if problems:
+    raise ConfigError('; '.join(problems))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Step decay: x0.5 ('reference', the code) or x0.1 ('paper') every `decay_every` steps."""
+  return optax.exponential_decay(config.learning_rate, config.decay_every,
+                                 SCHEDULE_DECAY[config.schedule], staircase=True)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh
+                       ) -> TrainState:
+  """The initial state (PyTorch's initialisation from `config.seed`), placed on `mesh`."""
+  init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params = init_variables(model, init_rng)['params']
+  tx = optim.reference_optimizer(learning_rate_schedule(config.train),
+                                 optim.parameter_labels(params, model),
+                                 clip_norm=config.train.clip_norm or None, b1=config.train.b1,
+                                 b2=config.train.b2, weight_decay=config.train.weight_decay)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                            ema_params=params if config.train.ema_decay else None, rng=run_rng)
+  state = state.replace(step=jnp.zeros((), jnp.int32))
+  shardings = state_shardings(state, mesh, config.train.shard_optimizer_state)
+  return jax.tree_util.tree_map(_place, state, shardings)
+
+
+def state_shardings(state: TrainState, mesh: Mesh, shard_optimizer_state: bool) -> TrainState:
+  """Replicated everywhere; with `shard_optimizer_state`, each optimizer-state array split
+  over `data` along its first axis the data axis divides (FSDP-style: 1/N of Adam's moments
+  per device, gathered by XLA where the update needs them)."""
+  replicated = NamedSharding(mesh, P())
+  shardings = jax.tree_util.tree_map(lambda _: replicated, state)
+  if not shard_optimizer_state:
+    return shardings
+  data_size = mesh.shape['data']
+
+  def split(x):
+    for axis, length in enumerate(np.shape(x)):
+      if length % data_size == 0 and length >= data_size:
+        return NamedSharding(mesh, P(*([None] * axis), 'data'))
+    return replicated
+
+  return shardings.replace(opt_state=jax.tree_util.tree_map(split, state.opt_state))
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+  # Every process holds the same host value; each puts the pieces its own devices own.
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: int,
+               compute_dtype: jnp.dtype, ema_decay: float, schedule: optax.Schedule
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch: the reference loss, its gradient (accumulated over
+  `accum_steps` micro-batches), clipping and AdamW, and the EMA."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params, micro_batch):
+    # Mixed precision: bfloat16 copies of the float32 parameters and inputs; the FFT blocks
+    # compute in float32 themselves, and the loss is taken in float32.
+    cast = lambda x: x.astype(compute_dtype)
+    outputs = state.apply_fn({'params': jax.tree_util.tree_map(cast, params)},
+                             cast(micro_batch['target_under']), cast(micro_batch['aux']),
+                             rngs={'dropout': step_rng})
+    outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+    return losses.reference_loss(outputs, micro_batch['target'])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, terms), grads = grad_fn(state.params, batch)
+  else:
+    # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its own rows.
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(totals, micro_batch):
+      (loss, terms), grads = grad_fn(state.params, micro_batch)
+      return jax.tree_util.tree_map(jnp.add, totals, (loss, terms, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro_batches))))
+    (loss, terms), grads = zeros
+    totals, _ = jax.lax.scan(accumulate, (loss, terms, grads), micro_batches)
+    loss, terms, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, totals)
+
+  new_state = state.apply_gradients(grads=grads)
+  if ema_decay:
+    new_state = new_state.replace(ema_params=jax.tree_util.tree_map(
+        lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
+  step_metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
+                  'learning_rate': schedule(state.step)}
+  return new_state, step_metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], valid: jax.Array, *,
+              apply_fn: Callable) -> dict[str, jax.Array]:
+  """Sums over the valid rows of a batch of PSNR/SSIM/NMSE of FSMNet and of zero-filling, on
+  the reference's uint8 convention."""
+  outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
+  to_uint8 = lambda x: metrics.to_uint8_scale(x, batch['mean'], batch['std'])
+  target = to_uint8(batch['target'])
+  sums = {'count': jnp.sum(valid)}
+  for prefix, image in (('', outputs['img_out']), ('zero_filled_', batch['target_under'])):
+    prediction = to_uint8(image)
+    for name, metric in (('psnr', metrics.psnr), ('ssim', metrics.ssim),
+                         ('nmse', metrics.nmse)):
+      # Padding rows are all zero (inf PSNR, 0/0 NMSE): masked with `where`, not a product.
+      sums[prefix + name] = jnp.sum(jnp.where(valid, metric(target, prediction), 0.0))
+  return sums
+
+
+class Evaluator:
+  """Evaluates parameters on the test split, sharded like training; every process takes
+  part in every step (its missing batches are padding), and all get the global means."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
+               param_shardings: Any):
+    source = pipeline.make_source(config, 'test')
+    processes = jax.process_count()
+    self._local_batch = config.eval.batch_size // processes
+    self._image_size = config.data.image_size
+    self._loader = pipeline.make_loader(config, 'test', self._local_batch, num_epochs=1,
+                                        source=source)
+    per_process = math.ceil(len(source) / processes)
+    self._num_batches = math.ceil(per_process / self._local_batch)
+    if config.eval.max_batches:
+      self._num_batches = min(self._num_batches, config.eval.max_batches)
+    self._sharding = NamedSharding(mesh, P('data'))
+    self._step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
+                         in_shardings=(param_shardings, self._sharding, self._sharding),
+                         out_shardings=NamedSharding(mesh, P()))
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    batches = iter(self._loader)
+    totals = None
+    for _ in range(self._num_batches):
+      local = next(batches, None)
+      batch, valid = _pad({k: local[k] for k in (*TRAIN_KEYS, 'mean', 'std')} if local else None,
+                          self._local_batch, self._image_size)
+      sums = self._step(params, _global(batch, self._sharding),
+                        _global(valid, self._sharding))
+      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals.pop('count'))
+    return {f'eval_{name}': float(value) / count for name, value in totals.items()}
+
+
+def _pad(batch: dict[str, np.ndarray] | None, size: int, image_size: int
+         ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`batch` (None: no rows) padded with zero rows to `size`, and the mask of its real rows."""
+  if batch is None:
+    image = np.zeros((0, image_size, image_size, 1), np.float32)
+    batch = {'target_under': image, 'aux': image, 'target': image,
+             'mean': np.zeros(0, np.float32), 'std': np.zeros(0, np.float32)}
+  rows = len(batch['target'])
+  padded = {k: np.concatenate([v, np.zeros((size - rows, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
+  return padded, np.arange(size) < rows
+
+
+def _global(local: Any, sharding: NamedSharding) -> Any:
+  """This process's rows -> global arrays split over the `data` axis."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+class _StopRequest:
+  """Remembers SIGTERM/SIGINT so the loop can finish its step, save and exit cleanly."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self) -> bool:
+    """True on every process once any process was signalled."""
+    stop = self.signal_name is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
+    return stop
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: Path, start_step: int) -> None:
+  """config.json at the first start; a resume with other settings adds config.step_N.json."""
+  text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
+  path = workdir / 'config.json'
+  if path.exists() and path.read_text() != text:
+    path = workdir / f'config.step_{start_step}.json'
+  if not path.exists():
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates every
+  `config.eval.every` steps and at the end; returns the last evaluation's metrics."""
+  workdir = Path(workdir)
+  mesh = make_mesh(config)
+  check_config(config, mesh)
+  is_chief = jax.process_index() == 0
+  model = FSMNet(**config.model)
+  train_loader = pipeline.make_loader(config, 'train',
+                                      config.train.batch_size // jax.process_count())
+  state = create_train_state(config, model, mesh)
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  checkpoints = TrainCheckpoints(workdir / CHECKPOINT_DIR, config.train.keep_checkpoints,
+                                 BEST_METRIC)
+  train_batches = iter(train_loader)
+  start_step = checkpoints.latest_step()
+  if start_step is not None:
+    checkpoints.check_compatible(start_step, state)
+    state, train_batches = checkpoints.restore(start_step, state, train_batches)
+    logging.info('resumed from %s at step %d', checkpoints.directory, start_step)
+  start_step = start_step or 0
+  if is_chief:
+    _save_config(config, workdir, start_step)
+  evaluator = Evaluator(config, mesh, model.apply, shardings.params)
+
+  batch_sharding = NamedSharding(mesh, P('data'))
+  step_fn = jax.jit(
+      functools.partial(train_step, accum_steps=config.train.grad_accum_steps,
+                        compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
+                        ema_decay=config.train.ema_decay,
+                        schedule=learning_rate_schedule(config.train)),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+
+  writer = MetricWriter(workdir, enabled=is_chief)
+  progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False)
+  stop = _StopRequest()
+  eval_metrics, last_loss = {}, None
+  try:
+    for step in range(start_step + 1, config.train.num_steps + 1):
+      local = next(train_batches)
+      state, step_metrics = step_fn(state, _global({k: local[k] for k in TRAIN_KEYS},
+                                                   batch_sharding))
+      last_step = step == config.train.num_steps
+      stopping = stop.requested()
+      evaluate = step % config.eval.every == 0 or last_step
+      save = step % config.train.checkpoint_every == 0 or evaluate or stopping
+      if step % config.train.log_every == 0 or save:
+        scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
+        last_loss = scalars['train_loss']
+        if not math.isfinite(last_loss):
+          raise FloatingPointError(
+              f'non-finite training loss at step {step}; stopped without saving. The last '
+              f'checkpoint in {checkpoints.directory} is intact.')
+        writer.write(step, scalars)
+        logging.info('step %d: %s', step,
+                     ', '.join(f'{k} {v:.5g}' for k, v in sorted(scalars.items())))
+      progress.update(step, last_loss)
+      step_eval = None
+      if evaluate:
+        eval_params = state.ema_params if config.train.ema_decay else state.params
+        eval_metrics = step_eval = evaluator(eval_params)
+        writer.write(step, eval_metrics)
+        logging.info('step %d: %s', step,
+                     ', '.join(f'{k} {v:.5g}' for k, v in sorted(eval_metrics.items())))
+      if save:
+        checkpoints.save(step, state, train_batches, metrics=step_eval)
+      if stopping:
+        logging.warning('%s received: saved step %d to %s; exiting', stop.signal_name, step,
+                        checkpoints.directory)
+        break
+  finally:
+    stop.restore()
+    progress.close()
+    checkpoints.close()
+    writer.close()
+  return eval_metrics
