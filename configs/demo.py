@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.dataset = 'demo'
   config.data.image_size = 64
   config.train.batch_size = 4
-  config.train.num_steps = 600
+  config.train.num_steps = 400
   config.train.learning_rate = 1e-3
   config.train.clip_norm = 0.0
   config.train.log_every = 50

@@ -70,8 +70,10 @@ class TrainCheckpoints:
     options = ocp.CheckpointManagerOptions(preservation_policy=keep_policy,
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.PyGrainCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -178,7 +178,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
   if ema_decay:
     new_state = new_state.replace(ema_params=jax.tree_util.tree_map(
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
-  step_metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
+  step_metrics = {'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
                   'learning_rate': schedule(state.step)}
   return new_state, step_metrics
 
