@@ -160,3 +160,18 @@ def test_decoded_volumes_are_cached_outside_the_data(config, tmp_path):
   first_mtime = cached[0].stat().st_mtime_ns
   pipeline.make_source(fresh, 'train')
   assert cached[0].stat().st_mtime_ns == first_mtime  # reused, not decoded again
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  one = pipeline.GlobalBatchSampler(50, 4, 0, 1, shuffle=True, num_epochs=None, seed=3)
+  halves = [pipeline.GlobalBatchSampler(50, 2, p, 2, shuffle=True, num_epochs=None, seed=3)
+            for p in range(2)]
+  for batch in range(30):  # past the first epoch
+    expected = [one[batch * 4 + row] for row in range(4)]
+    got = [halves[p][batch * 2 + row] for p in range(2) for row in range(2)]
+    assert [m.record_key for m in got] == [m.record_key for m in expected]
+    assert [m.rng.integers(2**31) for m in got] == [m.rng.integers(2**31) for m in expected]
+  finite = pipeline.GlobalBatchSampler(50, 2, 1, 2, shuffle=False, num_epochs=1, seed=3)
+  assert len(finite) == 24  # 12 whole global batches of 4; the remainder is dropped
+  with pytest.raises(IndexError):
+    finite[24]
