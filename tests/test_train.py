@@ -155,7 +155,8 @@ def three_steps_on_8_devices(tmp_path_factory, data_root, compile_cache):
 
 def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache):
   _train(tmp_path, data_root, compile_cache, '--config.train.num_steps=40',
-         '--config.train.learning_rate=1e-3', '--config.train.checkpoint_every=40')
+         '--config.train.learning_rate=1e-3', '--config.train.checkpoint_every=40',
+         '--config.eval.every=10', '--config.train.keep_checkpoints=1')
   losses = _losses(tmp_path)
   first = np.mean([losses[s] for s in range(1, 6)])
   last = np.mean([losses[s] for s in range(36, 41)])
@@ -166,8 +167,10 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache):
   eval_lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
                 if 'eval_psnr' in line]
   # measured: 20.3 dB against 19.6 dB for the zero-filled input after 40 steps
-  assert eval_lines[-1]['step'] == 40
+  assert [m['step'] for m in eval_lines] == [10, 20, 30, 40]
   assert eval_lines[-1]['eval_psnr'] > eval_lines[-1]['eval_zero_filled_psnr'] + 0.3
+  best = max(eval_lines, key=lambda m: m['eval_psnr'])['step']
+  assert set(_steps(tmp_path)) == {40, best}  # the latest (keep_checkpoints=1) and the best
 
 
 def test_one_and_eight_devices_train_alike(tmp_path, data_root, compile_cache,
