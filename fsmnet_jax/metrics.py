@@ -1,9 +1,12 @@
-"""PSNR, SSIM and NMSE as pure jnp functions, on the reference's evaluation convention.
+"""PSNR, SSIM and NMSE as pure jnp functions, in two conventions.
 
-The reference de-normalises each slice, clips it to [0, 1], casts it to uint8 and calls
-scikit-image with its defaults (data range 255; SSIM with a 7x7 uniform window, K1 0.01,
-K2 0.03, sample covariance, the 3-pixel border left out of the mean). `to_uint8_scale` does the
-first part; `psnr` and `ssim` the second, per image, jittable.
+`reference`: the reference repo de-normalises each slice, clips it to [0, 1], casts it to uint8
+and calls scikit-image with its defaults (data range 255; SSIM with a 7x7 uniform window, K1
+0.01, K2 0.03, sample covariance, the 3-pixel border left out of the mean). `to_uint8_scale`
+does the first part; `psnr`, `ssim` and `nmse` the second, per image, jittable.
+
+`fastmri`: the fastMRI challenge scores whole volumes, with the data range the maximum of the
+target volume: `volume_psnr`, `volume_ssim` (the mean of the slices' SSIM) and `volume_nmse`.
 """
 
 import jax
@@ -23,7 +26,8 @@ def to_uint8_scale(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
   return jnp.floor(jnp.clip(image, 0.0, 1.0) * UINT8_RANGE)
 
 
-def psnr(target: jax.Array, prediction: jax.Array, data_range: float = UINT8_RANGE) -> jax.Array:
+def psnr(target: jax.Array, prediction: jax.Array, data_range: float | jax.Array = UINT8_RANGE
+         ) -> jax.Array:
   """Per-image PSNR in dB of (B, H, W) images (inf where they are equal, as scikit-image)."""
   mse = jnp.mean((target - prediction) ** 2, axis=(1, 2))
   return 10.0 * jnp.log10(data_range**2 / mse)
@@ -41,7 +45,8 @@ def _window_mean(x: jax.Array) -> jax.Array:
   return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1, 1, 1), 'VALID') / SSIM_WINDOW**2
 
 
-def ssim(target: jax.Array, prediction: jax.Array, data_range: float = UINT8_RANGE) -> jax.Array:
+def ssim(target: jax.Array, prediction: jax.Array, data_range: float | jax.Array = UINT8_RANGE
+         ) -> jax.Array:
   """Per-image SSIM of (B, H, W) images, as `skimage.metrics.structural_similarity` defaults."""
   target = target.astype(jnp.float32)
   prediction = prediction.astype(jnp.float32)
@@ -59,3 +64,22 @@ def ssim(target: jax.Array, prediction: jax.Array, data_range: float = UINT8_RAN
   ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
               / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)))
   return jnp.mean(ssim_map, axis=(1, 2))
+
+
+def volume_psnr(target: jax.Array, prediction: jax.Array) -> jax.Array:
+  """PSNR of a (slices, H, W) volume as fastMRI: one MSE over the volume, range max(target)."""
+  return psnr(_as_one_image(target), _as_one_image(prediction), jnp.max(target))[0]
+
+
+def volume_ssim(target: jax.Array, prediction: jax.Array) -> jax.Array:
+  """SSIM of a (slices, H, W) volume as fastMRI: mean over slices, data range max(target)."""
+  return jnp.mean(ssim(target, prediction, jnp.max(target)))
+
+
+def volume_nmse(target: jax.Array, prediction: jax.Array) -> jax.Array:
+  """NMSE of a (slices, H, W) volume as fastMRI: ||t - p||^2 / ||t||^2 over the volume."""
+  return nmse(_as_one_image(target), _as_one_image(prediction))[0]
+
+
+def _as_one_image(volume: jax.Array) -> jax.Array:
+  return volume.reshape(1, -1, volume.shape[-1])
