@@ -12,7 +12,7 @@ target volume: `volume_psnr`, `volume_ssim` (the mean of the slices' SSIM) and `
 import jax
 import jax.numpy as jnp
 
-from fsmnet_jax.data.transforms import NORMALIZE_EPS
+from fsmnet_jax.data.transforms import denormalize
 
 UINT8_RANGE = 255.0
 SSIM_WINDOW = 7
@@ -22,7 +22,7 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 def to_uint8_scale(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
   """Normalised (B, H, W, 1) images -> (B, H, W) float images of uint8 values, as the reference:
   `(clip(x * (std + eps) + mean, 0, 1) * 255).astype(uint8)` (a cast, so truncation)."""
-  image = x[..., 0] * (std + NORMALIZE_EPS)[:, None, None] + mean[:, None, None]
+  image = denormalize(x[..., 0], mean[:, None, None], std[:, None, None])
   return jnp.floor(jnp.clip(image, 0.0, 1.0) * UINT8_RANGE)
 
 

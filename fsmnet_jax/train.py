@@ -183,6 +183,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
   return new_state, step_metrics
 
 
+def make_train_step(config: ml_collections.ConfigDict) -> Callable:
+  """`train_step` with the static settings of `config.train` bound (to be jitted)."""
+  return functools.partial(train_step, accum_steps=config.train.grad_accum_steps,
+                           compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
+                           ema_decay=config.train.ema_decay,
+                           schedule=learning_rate_schedule(config.train))
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], valid: jax.Array, *,
               apply_fn: Callable) -> dict[str, jax.Array]:
   """Sums over the valid rows of a batch of PSNR/SSIM/NMSE of FSMNet and of zero-filling, on
@@ -318,13 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluator = Evaluator(config, mesh, model.apply, shardings.params)
 
   batch_sharding = NamedSharding(mesh, P('data'))
-  step_fn = jax.jit(
-      functools.partial(train_step, accum_steps=config.train.grad_accum_steps,
-                        compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
-                        ema_decay=config.train.ema_decay,
-                        schedule=learning_rate_schedule(config.train)),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-      donate_argnums=0)
+  step_fn = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, None), donate_argnums=0)
 
   writer = MetricWriter(workdir, enabled=is_chief)
   progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False)

@@ -6,7 +6,6 @@ Runs go through the real CLI in subprocesses, each with its own CPU device count
 a persistent compilation cache, so each distinct program compiles once per session.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -295,10 +294,7 @@ def _one_step(**train_overrides):
   config.train.update(train_overrides)
   mesh = train.make_mesh(config)
   state = train.create_train_state(config, train.FSMNet(**config.model), mesh)
-  step = jax.jit(functools.partial(
-      train.train_step, accum_steps=config.train.grad_accum_steps,
-      compute_dtype=train.COMPUTE_DTYPES[config.train.compute_dtype],
-      ema_decay=config.train.ema_decay, schedule=train.learning_rate_schedule(config.train)))
+  step = jax.jit(train.make_train_step(config))
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
            for k in ('target_under', 'aux', 'target')}
