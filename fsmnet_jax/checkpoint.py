@@ -1,5 +1,6 @@
 """Orbax checkpoints: a model's variables on their own (converted or exported), and training runs."""
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fsmnet_jax.files import write_atomically
+
+
+TRAIN_CHECKPOINT_DIR = 'checkpoints'  # in a training workdir
 
 
 class CheckpointError(ValueError):
@@ -86,18 +90,11 @@ class TrainCheckpoints:
     except Exception as e:  # orbax raises many types for damaged folders
       raise CheckpointError(f'{folder}: unreadable checkpoint metadata ({type(e).__name__}: '
                             f'{str(e).splitlines()[0][:200]})') from e
-    expected = _shapes(state)
-    found = _shapes(saved)
-    if expected != found:
-      missing = sorted(set(expected) - set(found))
-      unexpected = sorted(set(found) - set(expected))
-      reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-      details = '; '.join(f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
-                          for label, keys in (('missing', missing), ('unexpected', unexpected),
-                                              ('other shape', reshaped)) if keys)
+    mismatch = describe_mismatch(_shapes(state), _shapes(saved))
+    if mismatch:
       raise CheckpointError(
           f'{folder}: this checkpoint is of a different model or optimizer than the config '
-          f'describes ({details}). Use a new --workdir, or the config the run was started '
+          f'describes ({mismatch}). Use a new --workdir, or the config the run was started '
           f'with (saved as config.json in the workdir).')
 
   def restore(self, step: int, state: Any, data_iterator: Any) -> tuple[Any, Any]:
@@ -120,6 +117,53 @@ class TrainCheckpoints:
     """Waits for a save in flight, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
+                      ) -> str:
+  """'' when the {path: shape} maps agree, else what is missing, unexpected or reshaped."""
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  reshaped = sorted(f'{k} {found[k]} instead of {expected[k]}'
+                    for k in set(expected) & set(found) if expected[k] != found[k])
+  return '; '.join(f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
+                   for label, keys in (('missing', missing), ('unexpected', unexpected),
+                                       ('other shape', reshaped)) if keys)
+
+
+def latest_train_step(workdir: str | os.PathLike) -> Path | None:
+  """The latest complete step folder of a training workdir (None if it has none)."""
+  directory = Path(workdir) / TRAIN_CHECKPOINT_DIR
+  # Unfinished saves live in temporary folders whose names are not plain step numbers.
+  steps = [p for p in directory.iterdir() if p.name.isdigit() and (p / 'state').is_dir()
+           ] if directory.is_dir() else []
+  return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
+  """{'params': ...} of a training checkpoint step, as numpy: the EMA of the parameters when
+  the run kept one (training evaluates those), else the parameters."""
+  path = (Path(step_folder) / 'state').absolute()
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_hide_missing_step_metadata)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(path).item_metadata.tree
+      args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  except Exception as e:  # orbax raises many types for damaged folders
+    raise CheckpointError(f'{path.parent}: not a readable training checkpoint '
+                          f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from e
+  finally:
+    absl_logger.removeFilter(_hide_missing_step_metadata)
+  if not isinstance(state, dict) or 'params' not in state:
+    raise CheckpointError(f'{path.parent}: holds no "params" in its train state')
+  return {'params': state.get('ema_params') or state['params']}
+
+
+def _hide_missing_step_metadata(record: logging.LogRecord) -> bool:
+  # The step's metadata sits one folder up from the item read on its own; orbax warns anyway.
+  return 'Metadata file does not exist' not in record.getMessage()
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

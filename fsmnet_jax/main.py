@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from fsmnet_jax import train
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import DataError
+from fsmnet_jax.reporting import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config go here.')
@@ -47,16 +48,11 @@ def initialize_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _not_orbax_chatter(record: logging.LogRecord) -> bool:
-  # orbax logs dozens of INFO lines per save; its warnings and errors still show.
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   absl_logging.set_verbosity(absl_logging.INFO)
-  absl_logging.get_absl_handler().addFilter(_not_orbax_chatter)
+  quiet_orbax_logs()
   initialize_distributed()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

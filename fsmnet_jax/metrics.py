@@ -3,7 +3,8 @@
 `reference`: the reference repo de-normalises each slice, clips it to [0, 1], casts it to uint8
 and calls scikit-image with its defaults (data range 255; SSIM with a 7x7 uniform window, K1
 0.01, K2 0.03, sample covariance, the 3-pixel border left out of the mean). `to_uint8_scale`
-does the first part; `psnr`, `ssim` and `nmse` the second, per image, jittable.
+does the first part (after `transforms.denormalize_images`); `psnr`, `ssim` and `nmse` the
+second, per image, jittable; `reference_metrics` both.
 
 `fastmri`: the fastMRI challenge scores whole volumes, with the data range the maximum of the
 target volume: `volume_psnr`, `volume_ssim` (the mean of the slices' SSIM) and `volume_nmse`.
@@ -12,17 +13,14 @@ target volume: `volume_psnr`, `volume_ssim` (the mean of the slices' SSIM) and `
 import jax
 import jax.numpy as jnp
 
-from fsmnet_jax.data.transforms import denormalize
-
 UINT8_RANGE = 255.0
 SSIM_WINDOW = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def to_uint8_scale(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """Normalised (B, H, W, 1) images -> (B, H, W) float images of uint8 values, as the reference:
-  `(clip(x * (std + eps) + mean, 0, 1) * 255).astype(uint8)` (a cast, so truncation)."""
-  image = denormalize(x[..., 0], mean[:, None, None], std[:, None, None])
+def to_uint8_scale(image: jax.Array) -> jax.Array:
+  """Intensities -> float images of uint8 values, as the reference's
+  `(clip(image, 0, 1) * 255).astype(uint8)` (a cast, so truncation)."""
   return jnp.floor(jnp.clip(image, 0.0, 1.0) * UINT8_RANGE)
 
 
@@ -64,6 +62,13 @@ def ssim(target: jax.Array, prediction: jax.Array, data_range: float | jax.Array
   ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
               / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)))
   return jnp.mean(ssim_map, axis=(1, 2))
+
+
+def reference_metrics(target: jax.Array, prediction: jax.Array) -> dict[str, jax.Array]:
+  """Per-image PSNR, SSIM and NMSE of (B, H, W) intensities on the reference convention."""
+  target, prediction = to_uint8_scale(target), to_uint8_scale(prediction)
+  return {'psnr': psnr(target, prediction), 'ssim': ssim(target, prediction),
+          'nmse': nmse(target, prediction)}
 
 
 def volume_psnr(target: jax.Array, prediction: jax.Array) -> jax.Array:

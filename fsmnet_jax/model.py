@@ -6,11 +6,12 @@ weights give the same output. Module names are the reference's state_dict prefix
 """
 
 import functools
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsmnet_jax.blocks import CMSFusion, DownSample, FreBlock, FSFusion, ResidualGroup, UpSample
 from fsmnet_jax.layers import ConvAct
@@ -196,3 +197,21 @@ def init_variables(model: FSMNet, rng: jax.Array) -> dict:
   """
   dummy = jnp.zeros((1, DOWNSAMPLING_FACTOR, DOWNSAMPLING_FACTOR, 1), jnp.float32)
   return model.init(rng, dummy, dummy)
+
+
+def infer_model_from_params(variables: Mapping[str, Any], use_spa_att: bool = False) -> FSMNet:
+  """The `FSMNet` whose parameter tree is `variables['params']` (or `variables`).
+
+  `use_spa_att` changes no parameter, so it cannot be read from them."""
+  params = variables['params'] if 'params' in variables else variables
+  try:
+    num_features = int(np.shape(params['head']['conv']['kernel'])[-1])
+    res_blocks = [k for k in params['down1']['block'] if k.startswith('res_block_')]
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'not FSMNet variables: no {e} in the parameter tree') from None
+  fusion = params.get('conv_fuse_0')
+  return FSMNet(
+      num_features=num_features, num_res_blocks=len(res_blocks),
+      num_heads=int(np.shape(fusion['fre_att']['temperature'])[0]) if fusion else FSMNet.num_heads,
+      use_frequency_branch='head_fre' in params, use_cms_fusion='conv_fuse_spa_0' in params,
+      use_fs_fusion=fusion is not None, use_spa_att=use_spa_att)

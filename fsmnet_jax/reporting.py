@@ -1,6 +1,7 @@
-"""Where a training run reports: TensorBoard events, metrics.jsonl, and a console progress bar."""
+"""Where runs report: TensorBoard events, metrics.jsonl, a console progress bar, quiet logs."""
 
 import json
+import logging
 import math
 import os
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = 'metrics.jsonl'
@@ -49,20 +51,29 @@ def _duration(seconds: float) -> str:
   return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
 
 
+def _not_orbax_chatter(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Hides orbax's INFO lines (dozens per save or load); its warnings and errors still show."""
+  absl_logging.get_absl_handler().addFilter(_not_orbax_chatter)
+
+
 class ProgressBar:
-  """One console line: step, loss, steps/s and ETA. Quiet under CI or when not a terminal
-  (log lines tell the progress there)."""
+  """One console line: step (or another `unit`), loss if given, rate and ETA. Quiet under CI
+  or when not a terminal (log lines tell the progress there)."""
   WIDTH = 24
 
-  def __init__(self, total_steps: int, start_step: int, stream: TextIO = sys.stderr,
-               enabled: bool | None = None):
+  def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO = sys.stderr,
+               enabled: bool | None = None, unit: str = 'step'):
     if enabled is None:
       enabled = stream.isatty() and not os.environ.get('CI')
     self._enabled, self._stream = enabled, stream
-    self._total, self._start = total_steps, start_step
+    self._total, self._start, self._unit = total_steps, start_step, unit
     self._started_at = time.monotonic()
 
-  def update(self, step: int, loss: float | None) -> None:
+  def update(self, step: int, loss: float | None = None) -> None:
     if not self._enabled:
       return
     done = step - self._start
@@ -71,10 +82,10 @@ class ProgressBar:
     eta = (self._total - step) / rate if rate > 0 else float('nan')
     filled = int(self.WIDTH * step / max(self._total, 1))
     bar = '#' * filled + '.' * (self.WIDTH - filled)
-    loss_text = f'{loss:.4f}' if loss is not None else '-'
+    loss_text = f'  loss {loss:.4f}' if loss is not None else ''
     eta_text = _duration(eta) if math.isfinite(eta) else '-'
-    self._stream.write(f'\r[{bar}] step {step}/{self._total}  loss {loss_text}  '
-                       f'{rate:.2f} steps/s  ETA {eta_text} ')
+    self._stream.write(f'\r[{bar}] {self._unit} {step}/{self._total}{loss_text}  '
+                       f'{rate:.2f} {self._unit}s/s  ETA {eta_text} ')
     self._stream.flush()
 
   def close(self) -> None:

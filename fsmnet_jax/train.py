@@ -25,8 +25,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsmnet_jax import losses, metrics, optim
-from fsmnet_jax.checkpoint import TrainCheckpoints
-from fsmnet_jax.data import pipeline
+from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
+from fsmnet_jax.data import pipeline, transforms
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, init_variables
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
@@ -35,7 +35,6 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SCHEDULE_DECAY = {'reference': 0.5, 'paper': 0.1, 'constant': 1.0}
 TRAIN_KEYS = ('target_under', 'aux', 'target')
 BEST_METRIC = 'eval_psnr'
-CHECKPOINT_DIR = 'checkpoints'
 
 
 class ConfigError(ValueError):
@@ -196,15 +195,13 @@ def eval_step(params: Any, batch: dict[str, jax.Array], valid: jax.Array, *,
   """Sums over the valid rows of a batch of PSNR/SSIM/NMSE of FSMNet and of zero-filling, on
   the reference's uint8 convention."""
   outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
-  to_uint8 = lambda x: metrics.to_uint8_scale(x, batch['mean'], batch['std'])
-  target = to_uint8(batch['target'])
+  intensity = lambda x: transforms.denormalize_images(x, batch['mean'], batch['std'])
+  target = intensity(batch['target'])
   sums = {'count': jnp.sum(valid)}
   for prefix, image in (('', outputs['img_out']), ('zero_filled_', batch['target_under'])):
-    prediction = to_uint8(image)
-    for name, metric in (('psnr', metrics.psnr), ('ssim', metrics.ssim),
-                         ('nmse', metrics.nmse)):
+    for name, values in metrics.reference_metrics(target, intensity(image)).items():
       # Padding rows are all zero (inf PSNR, 0/0 NMSE): masked with `where`, not a product.
-      sums[prefix + name] = jnp.sum(jnp.where(valid, metric(target, prediction), 0.0))
+      sums[prefix + name] = jnp.sum(jnp.where(valid, values, 0.0))
   return sums
 
 
@@ -312,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       config.train.batch_size // jax.process_count())
   state = create_train_state(config, model, mesh)
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  checkpoints = TrainCheckpoints(workdir / CHECKPOINT_DIR, config.train.keep_checkpoints,
+  checkpoints = TrainCheckpoints(workdir / TRAIN_CHECKPOINT_DIR, config.train.keep_checkpoints,
                                  BEST_METRIC)
   train_batches = iter(train_loader)
   start_step = checkpoints.latest_step()

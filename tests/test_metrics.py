@@ -6,6 +6,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fsmnet_jax import metrics
+from fsmnet_jax.data import transforms
 
 
 def _uint8_pair(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +24,8 @@ def test_to_uint8_scale_is_the_references_cast():
   mean, std = np.float32([0.3, 0.5]), np.float32([0.2, 0.1])
   expected = (np.clip(x[..., 0] * std[:, None, None] + mean[:, None, None], 0, 1) * 255
               ).astype(np.uint8)
-  np.testing.assert_array_equal(metrics.to_uint8_scale(x, mean, std), expected)
+  image = transforms.denormalize_images(x, mean, std)
+  np.testing.assert_array_equal(metrics.to_uint8_scale(image), expected)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])

@@ -29,7 +29,7 @@ def _batches(loader, count):
 
 def test_batches(config):
   [batch] = _batches(pipeline.make_loader(config, 'train', batch_size=3), 1)[1]
-  assert set(batch) == {'target_under', 'aux', 'target', 'mask', 'mean', 'std'}
+  assert set(batch) == {'target_under', 'aux', 'target', 'mask', 'mean', 'std', 'key'}
   for key in ('target_under', 'aux', 'target'):
     assert batch[key].shape == (3, 32, 32, 1) and batch[key].dtype == np.float32
     assert np.abs(batch[key]).max() <= 6
@@ -37,6 +37,11 @@ def test_batches(config):
   assert np.all(batch['mask'] == batch['mask'][:, :1, :])  # whole lines along W
   np.testing.assert_allclose(batch['mask'].mean(), 1 / config.data.acceleration, atol=0.1)
   assert batch['mean'].shape == batch['std'].shape == (3,)
+  source = pipeline.make_source(config, 'train')
+  for key in batch['key']:
+    record = source.record(int(key))
+    assert record.key == key and record.subject.startswith('DemoBraTS_')
+    assert record.volume == f'{record.subject}_t2.nii.gz'
 
 
 def test_reproducible_and_resumable(config):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from fsmnet_jax.checkpoint import CheckpointError, load_variables, save_variables
+from fsmnet_jax.cli import run_command
 from fsmnet_jax.model import count_params
 from torch_port.checkpoint import load_state_dict, save_state_dict
 from torch_port.convert import (ConversionError, flax_to_torch, infer_model,
@@ -84,15 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
+  def without_grad(args: argparse.Namespace) -> int:
     with torch.no_grad():
       return run(args)
-  except USER_ERRORS as e:
-    if args.debug:
-      raise
-    print(f'fsmnet-convert: error: {e}', file=sys.stderr)
-    return 2
+
+  return run_command('fsmnet-convert', _parser(), without_grad, argv, USER_ERRORS)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fsmnet_jax.model import FSMNet, init_variables
+from fsmnet_jax.model import infer_model_from_params as infer_model_from_flax
 
 # Per block type: regex rewrites from a Flax path inside the block to the torch key suffix.
 _BLOCK_RULES = {
@@ -103,22 +104,6 @@ def infer_model(state_dict: Mapping[str, Any], use_spa_att: bool = False) -> FSM
       use_spa_att=use_spa_att)
 
 
-def infer_model_from_flax(variables: Mapping[str, Any], use_spa_att: bool = False) -> FSMNet:
-  """The `FSMNet` whose parameter tree `variables['params']` is."""
-  params = variables['params'] if 'params' in variables else variables
-  try:
-    num_features = int(np.shape(params['head']['conv']['kernel'])[-1])
-    res_blocks = [k for k in params['down1']['block'] if k.startswith('res_block_')]
-  except (KeyError, TypeError) as e:
-    raise ConversionError(f'not FSMNet variables: no {e} in the parameter tree') from None
-  fusion = params.get('conv_fuse_0')
-  return FSMNet(
-      num_features=num_features, num_res_blocks=len(res_blocks),
-      num_heads=int(np.shape(fusion['fre_att']['temperature'])[0]) if fusion else FSMNet.num_heads,
-      use_frequency_branch='head_fre' in params, use_cms_fusion='conv_fuse_spa_0' in params,
-      use_fs_fusion=fusion is not None, use_spa_att=use_spa_att)
-
-
 def _raise_if_mismatched(expected: Mapping[str, tuple], given: Mapping[str, tuple], what: str):
   missing = [k for k in expected if k not in given]
   unexpected = [k for k in given if k not in expected]
@@ -157,7 +142,11 @@ def flax_to_torch(variables: Mapping[str, Any], model: FSMNet | None = None
                   ) -> 'collections.OrderedDict[str, torch.Tensor]':
   """A reference-format state_dict (keys in the reference's order) from Flax variables."""
   params = variables['params'] if 'params' in variables else variables
-  model = model or infer_model_from_flax(params)
+  if model is None:
+    try:
+      model = infer_model_from_flax(params)
+    except ValueError as e:
+      raise ConversionError(str(e)) from None
   mapping = key_map(model)
   flat = {path: np.asarray(v) for path, v in (
       (tuple(p.key for p in kp), v) for kp, v in jax.tree_util.tree_flatten_with_path(params)[0])}

@@ -72,23 +72,39 @@ def load_axial_slices(path: Path) -> np.ndarray:
   return np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
 
 
-def robust_scale(volume: np.ndarray, percentile: float, path: Path) -> np.ndarray:
-  """Divides by the `percentile` of the non-zero voxels and clips to [0, 1]."""
+def to_file_layout(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """Inverse of `load_axial_slices`: (slices, rows, cols) back to the axis order and directions
+  of a file with this `affine`."""
+  ras = slices[:, ::-1, ::-1].transpose(2, 1, 0)
+  orientation = nib.orientations
+  to_file = orientation.ornt_transform(orientation.axcodes2ornt('RAS'),
+                                       orientation.io_orientation(affine))
+  return orientation.apply_orientation(ras, to_file)
+
+
+def intensity_scale(volume: np.ndarray, percentile: float, path: Path) -> float:
+  """The `percentile` of the non-zero voxels: what `robust_scale` divides by."""
   foreground = volume[volume > 0]
-  scale = np.percentile(foreground, percentile) if foreground.size else 0.0
+  scale = float(np.percentile(foreground, percentile)) if foreground.size else 0.0
   if scale <= 0:
     raise DataError(f'{path}: the volume is empty (no positive voxels)')
-  return np.clip(volume / scale, 0, 1).astype(np.float32)
+  return scale
 
 
-def fit_to_size(slices: np.ndarray, size: int) -> np.ndarray:
-  """Center-crops or zero-pads the last two axes to size x size."""
-  out = np.zeros(slices.shape[:-2] + (size, size), slices.dtype)
+def robust_scale(volume: np.ndarray, percentile: float, path: Path) -> np.ndarray:
+  """Divides by the `percentile` of the non-zero voxels and clips to [0, 1]."""
+  return np.clip(volume / intensity_scale(volume, percentile, path), 0, 1).astype(np.float32)
+
+
+def fit_to_size(slices: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Center-crops or zero-pads the last two axes to size x size (or to (rows, cols))."""
+  shape = (size, size) if isinstance(size, int) else tuple(size)
+  out = np.zeros(slices.shape[:-2] + shape, slices.dtype)
   src, dst = [], []
-  for length in slices.shape[-2:]:
-    keep = min(length, size)
+  for length, wanted in zip(slices.shape[-2:], shape):
+    keep = min(length, wanted)
     src.append(slice((length - keep) // 2, (length - keep) // 2 + keep))
-    dst.append(slice((size - keep) // 2, (size - keep) // 2 + keep))
+    dst.append(slice((wanted - keep) // 2, (wanted - keep) // 2 + keep))
   out[..., dst[0], dst[1]] = slices[..., src[0], src[1]]
   return out
 

@@ -2,7 +2,8 @@
 
 A batch is a dict of numpy arrays: `target_under`, `aux`, `target` (B, H, W, 1) float32,
 `mask` (B, H, W) float32 (1 where k-space was measured), `mean`, `std` (B,) (the statistics
-that map `target` back to intensities). Training masks are drawn per example from grain's
+that map `target` back to intensities), `key` (B,) (the records' positions in the source:
+`source.record(key)` says which subject and slice). Training masks are drawn per example from grain's
 per-record generator (a function of the seed, the epoch and the position: reproducible); test
 masks are fixed per volume, seeded from its file name as fastMRI does.
 """
@@ -27,6 +28,7 @@ class SliceRecord:
   key: int  # position in the data source
   volume: str  # file name the fixed test mask is seeded from
   index: int  # slice in the volume
+  subject: str  # BraTS subject folder, or the fastMRI PDFS file's stem
 
 
 class BratsSlices(grain.RandomAccessDataSource):
@@ -45,7 +47,7 @@ class BratsSlices(grain.RandomAccessDataSource):
         logging.warning('skipping subject %s: %s', subject.name, e)
         skipped.append(subject.name)
         continue
-      self._records += [(volumes.filename, subject.t2.name, i)
+      self._records += [(volumes.filename, subject, i)
                         for i in brats.foreground_slices(volumes[1], min_foreground)]
     if skipped:
       logging.warning('skipped %d of %d subjects with unusable data: %s', len(skipped),
@@ -59,11 +61,14 @@ class BratsSlices(grain.RandomAccessDataSource):
   def __len__(self) -> int:
     return len(self._records)
 
+  def record(self, i: int) -> SliceRecord:
+    _, subject, index = self._records[i]
+    return SliceRecord(i, subject.t2.name, index, subject.name)
+
   def __getitem__(self, i: int) -> dict:
-    cache_file, volume, index = self._records[i]
-    t1, t2 = np.load(cache_file, mmap_mode='r')[:, index]
+    t1, t2 = np.load(self._records[i][0], mmap_mode='r')[:, self._records[i][2]]
     return {'target': np.array(t2), 'aux': np.array(t1), 'kspace': kspace.fft2c(t2),
-            'record': SliceRecord(i, volume, index)}
+            'record': self.record(i)}
 
   def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
     return self._description
@@ -85,12 +90,16 @@ class KneeSlices(grain.RandomAccessDataSource):
   def __len__(self) -> int:
     return len(self._records)
 
+  def record(self, i: int) -> SliceRecord:
+    pair, index = self._records[i]
+    return SliceRecord(i, pair.pdfs.name, index, pair.pdfs.stem)
+
   def __getitem__(self, i: int) -> dict:
     pair, index = self._records[i]
     target_kspace = fastmri.read_kspace_slice(pair.pdfs, index)
     aux = fastmri.image_from_kspace(fastmri.read_kspace_slice(pair.pd, index), self._size)
     return {'target': fastmri.image_from_kspace(target_kspace, self._size), 'aux': aux,
-            'kspace': target_kspace, 'record': SliceRecord(i, pair.pdfs.name, index)}
+            'kspace': target_kspace, 'record': self.record(i)}
 
   def __repr__(self) -> str:
     return f'KneeSlices({len(self._pairs)} pairs, {len(self._records)} slices, size {self._size})'
@@ -132,7 +141,8 @@ class Undersample(grain.RandomMapTransform):
     # cropped like the image.
     image_mask = fastmri.center_crop(mask, size)
     return {**{k: example[k][..., None] for k in ('target_under', 'aux', 'target')},
-            'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std']}
+            'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std'],
+            'key': np.int64(record.key)}
 
 
 def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAccessDataSource:

@@ -16,6 +16,12 @@ def denormalize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
   return x * (std + NORMALIZE_EPS) + mean
 
 
+def denormalize_images(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Normalised (B, H, W, 1) model images with their (B,) statistics -> (B, H, W) intensities
+  (numpy or jnp)."""
+  return denormalize(x[..., 0], mean[:, None, None], std[:, None, None])
+
+
 def normalize_example(target_under: np.ndarray, target: np.ndarray, aux: np.ndarray
                       ) -> dict[str, np.ndarray]:
   """The model's inputs and target, normalised as the reference does.

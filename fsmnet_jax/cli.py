@@ -1,0 +1,171 @@
+"""fsmnet-reconstruct and fsmnet-export: scans in, reconstructions out; inference as an artifact.
+
+The model and data settings come from `--config` (a configs/*.py file) if given, else from the
+training run's config.json when the checkpoint is a workdir or one of its steps, else from the
+defaults (configs/default.py for NIfTI, configs/fastmri_4x.py for k-space) with the model
+read off the weights.
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+
+from fsmnet_jax import export, inference, reconstruct
+from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.data import DataError
+from fsmnet_jax.model import FSMNet
+
+USER_ERRORS = (CheckpointError, DataError, FileExistsError, ValueError)
+
+
+def load_config_file(path: Path) -> ml_collections.ConfigDict:
+  """`get_config()` of a configs/*.py file."""
+  if not path.is_file():
+    raise DataError(f'{path}: no such config file')
+  spec = importlib.util.spec_from_file_location(f'fsmnet_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def resolve_config(config_file: Path | None, checkpoint: Path, default: str
+                   ) -> tuple[ml_collections.ConfigDict, bool]:
+  """(config, whether its model section describes the checkpoint)."""
+  if config_file is not None:
+    return load_config_file(config_file), True
+  run_config = inference.run_config_file(checkpoint)
+  if run_config is not None:
+    return ml_collections.ConfigDict(json.loads(run_config.read_text())), True
+  module = importlib.import_module(f'configs.{default}')
+  return module.get_config(), False
+
+
+def _load_model(args: argparse.Namespace, default_config: str):
+  config, describes_model = resolve_config(args.config, args.checkpoint, default_config)
+  model = FSMNet(**config.model) if describes_model else None
+  params, model = inference.load_params(args.checkpoint, model, config.model.use_spa_att)
+  return config, params, model
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--checkpoint', type=Path, required=True,
+                      help='training workdir (latest step), step folder, variables folder, or '
+                           'PyTorch .pth/.pt/.safetensors (needs torch)')
+  parser.add_argument('--config', type=Path,
+                      help='configs/*.py file with the model and data settings (default: the '
+                           "run's config.json, else the defaults)")
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace existing outputs (default: refuse)')
+  parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+
+
+def run_command(name: str, parser: argparse.ArgumentParser, command: Callable[..., int],
+                argv: list[str] | None, user_errors: tuple[type, ...] = USER_ERRORS) -> int:
+  """Parses `argv` and runs `command(args)`; expected errors become one line on stderr and
+  exit status 2 (a traceback with --debug)."""
+  args = parser.parse_args(argv)
+  try:
+    return command(args)
+  except user_errors as e:
+    if args.debug:
+      raise
+    print(f'{name}: error: {e}', file=sys.stderr)
+    return 2
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+  from_kspace = args.kspace is not None
+  if from_kspace == (args.t2 is not None):
+    raise ValueError('give either --t1 and --t2 (NIfTI) or --kspace and --reference (h5)')
+  if (args.t1 is not None) == from_kspace or (args.reference is not None) != from_kspace:
+    raise ValueError('--t2 goes with --t1, --kspace with --reference')
+  inference.enable_compilation_cache()
+  config, params, model = _load_model(args, 'fastmri_4x' if from_kspace else 'default')
+  reconstructor = inference.Reconstructor(model, params, args.batch_size)
+  settings = dict(out=args.out, acceleration=args.acceleration, seed=args.seed,
+                  with_data_consistency=args.data_consistency, overwrite=args.overwrite)
+  if from_kspace:
+    result = reconstruct.reconstruct_kspace(reconstructor, config.data, args.kspace,
+                                            args.reference, **settings)
+  else:
+    result = reconstruct.reconstruct_nifti(reconstructor, config.data, args.t1, args.t2,
+                                           **settings)
+  print(f'wrote {args.out} ({len(result.image)} slices of {result.image.shape[1]}x'
+        f'{result.image.shape[2]}, {result.mask.size / result.mask.sum():.2f}x sampling) and '
+        f'{reconstruct.mask_path(args.out)}')
+  if result.psnr:
+    print(f'against the fully-sampled input (fastMRI convention): zero-filled '
+          f'{result.psnr["zero_filled"]:.2f} dB, FSMNet'
+          f'{" + data consistency" if args.data_consistency else ""} '
+          f'{result.psnr["fsmnet"]:.2f} dB')
+  return 0
+
+
+def reconstruct_main(argv: list[str] | None = None) -> int:
+  """fsmnet-reconstruct: reconstructs whole scans with a trained FSMNet."""
+  parser = argparse.ArgumentParser(
+      prog='fsmnet-reconstruct',
+      description='Reconstruct a whole scan with a trained FSMNet. From NIfTI images: '
+                  '--t1 T1 --t2 T2 --acceleration N simulates the undersampling of T2 with a '
+                  'seeded mask. From k-space: --kspace a fastMRI single-coil .h5 (its "mask", '
+                  'else its non-zero lines, else --acceleration simulates one) and --reference '
+                  'the fully-sampled reference contrast .h5. The mask used is saved as '
+                  'OUT_mask.npy.')
+  _add_model_arguments(parser)
+  parser.add_argument('--t1', type=Path, help='reference contrast, NIfTI')
+  parser.add_argument('--t2', type=Path, help='fully-sampled target contrast, NIfTI')
+  parser.add_argument('--kspace', type=Path, help='target k-space, fastMRI single-coil .h5')
+  parser.add_argument('--reference', type=Path,
+                      help='fully-sampled reference contrast k-space, fastMRI single-coil .h5')
+  parser.add_argument('--acceleration', type=int,
+                      help='undersampling factor to simulate (default: the config\'s; '
+                           'k-space files with measured lines ignore it)')
+  parser.add_argument('--seed', type=int, default=0, help='seed of the simulated mask')
+  parser.add_argument('--data-consistency', action='store_true',
+                      help='put the measured k-space lines back into the output')
+  parser.add_argument('--batch-size', type=int, default=8,
+                      help='slices per step, split over the local devices')
+  parser.add_argument('--out', type=Path, required=True,
+                      help='output: .nii/.nii.gz (keeps a NIfTI input\'s affine and header) or, '
+                           'from k-space, .h5 with a "reconstruction" dataset')
+  return run_command('fsmnet-reconstruct', parser, _reconstruct, argv)
+
+
+def _export(args: argparse.Namespace) -> int:
+  config, params, model = _load_model(args, 'default')
+  size = args.image_size or config.data.image_size
+  exported = export.export_inference(model, params, size, args.batch_size or None,
+                                     args.platforms.split(','))
+  path = export.save_exported(exported, args.out, args.overwrite)
+  batch = args.batch_size or 'any'
+  print(f'wrote {path}: ({batch}, {size}, {size}) zero-filled and reference slices -> '
+        f'reconstruction, for {", ".join(exported.platforms)}; load it with '
+        f'jax.export.deserialize(open(path, "rb").read()).call(under, reference)')
+  return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+  """fsmnet-export: writes FSMNet inference as a serialized jax.export artifact."""
+  parser = argparse.ArgumentParser(
+      prog='fsmnet-export',
+      description='Serialize FSMNet inference (weights included) with jax.export: a function '
+                  'of (batch, H, W) float32 zero-filled target and reference intensities '
+                  'returning the reconstruction, runnable without the model code.')
+  _add_model_arguments(parser)
+  parser.add_argument('--out', type=Path, required=True, help='artifact file to write')
+  parser.add_argument('--image-size', type=int, default=0,
+                      help='slice side H = W (default: config.data.image_size)')
+  parser.add_argument('--batch-size', type=int, default=0,
+                      help='fixed batch size (default 0: symbolic, any batch)')
+  parser.add_argument('--platforms', default='cpu',
+                      help='comma-separated platforms to lower for, e.g. cpu,cuda,tpu')
+  return run_command('fsmnet-export', parser, _export, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(reconstruct_main())

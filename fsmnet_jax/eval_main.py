@@ -1,0 +1,74 @@
+"""fsmnet-eval: FSMNet and zero-filling on a data split, in the paper's Table 1 form, with
+per-slice CSV, pictures and both metric conventions.
+
+  fsmnet-eval --config configs/brats_4x.py --checkpoint runs/brats_4x \\
+    --config.data.root /data/BraTS2020 [--split test] [--out DIR] [--data_consistency]
+
+--checkpoint takes a training workdir (its latest step), a step folder, an exported variables
+folder, or a reference PyTorch .pth/.pt/.safetensors (converted on the fly; needs torch).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from fsmnet_jax import evaluate, inference
+from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.data import DataError
+from fsmnet_jax.model import FSMNet
+from fsmnet_jax.reporting import quiet_orbax_logs
+from fsmnet_jax.train import ConfigError
+
+config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (the data and model '
+                                'settings of the run).', lock_config=True)
+flags.DEFINE_string('checkpoint', None, 'Training workdir, step folder, variables folder or '
+                    'PyTorch .pth/.pt/.safetensors file.')
+flags.DEFINE_enum('split', 'test', ['test', 'train'], 'Data split to evaluate.')
+flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/eval_SPLIT for a training '
+                    'checkpoint, else CHECKPOINT_eval_SPLIT beside it).')
+flags.DEFINE_bool('data_consistency', False, 'Also score FSMNet with the measured k-space '
+                  'lines put back into its output.')
+flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).')
+flags.DEFINE_bool('overwrite', False, 'Replace an existing output folder.')
+flags.mark_flags_as_required(['config', 'checkpoint'])
+FLAGS = flags.FLAGS
+
+
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+  """WORKDIR/eval_SPLIT for a training run's checkpoint, else a sibling of the checkpoint."""
+  run_config = inference.run_config_file(checkpoint)
+  if run_config is not None:
+    return run_config.parent / f'eval_{split}'
+  return checkpoint.with_name(f'{checkpoint.stem}_eval_{split}')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  absl_logging.set_verbosity(absl_logging.INFO)
+  quiet_orbax_logs()
+  inference.enable_compilation_cache()
+  config, checkpoint = FLAGS.config, Path(FLAGS.checkpoint)
+  out = Path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
+  try:
+    params, model = inference.load_params(checkpoint, FSMNet(**config.model))
+    report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
+                               FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
+  except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
+    print(f'fsmnet-eval: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print((out / 'table1.md').read_text())
+  logging.info('%d subjects, %d slices: results in %s', report['num_subjects'],
+               report['num_slices'], out)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

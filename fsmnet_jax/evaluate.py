@@ -1,0 +1,241 @@
+"""Evaluation on a data split: FSMNet next to zero-filling, in the paper's Table 1 form.
+
+`evaluate(config, params, model, out_dir)` scores every slice of the split, jitted and sharded
+over the local devices, and writes into `out_dir` (atomically: complete or absent):
+  metrics.json      settings, counts, mean/std per method in both metric conventions
+  table1.md         method x {PSNR, SSIM, NMSE} as mean ± std (Table 1 of the paper)
+  slices.csv        subject, slice and every method's metrics, one row per slice
+  volumes.csv       the fastMRI convention, one row per subject/volume
+  panels/*.png      reference | zero-filled | FSMNet | ground truth | error map, a few slices
+  psnr_per_slice.png  PSNR against the slice's position in its volume
+"""
+
+import csv
+import functools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import grain.python as grain
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+matplotlib.use('Agg')  # files only: no display on clusters and CI
+from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
+
+from fsmnet_jax import metrics  # pylint: disable=wrong-import-position
+from fsmnet_jax.data import kspace, pipeline, transforms  # pylint: disable=wrong-import-position
+from fsmnet_jax.files import write_atomically  # pylint: disable=wrong-import-position
+from fsmnet_jax.inference import data_consistency  # pylint: disable=wrong-import-position
+from fsmnet_jax.model import FSMNet  # pylint: disable=wrong-import-position
+from fsmnet_jax.reporting import ProgressBar  # pylint: disable=wrong-import-position
+
+METHOD_NAMES = {'zero_filled': 'Zero-filling', 'fsmnet': 'FSMNet',
+                'fsmnet_dc': 'FSMNet + data consistency'}
+METRICS = ('psnr', 'ssim', 'nmse')
+ERROR_MAP_MAX = 0.1  # error-map colour scale: 0 .. 10% of the slice's ground-truth maximum
+BATCH_KEYS = ('target_under', 'aux', 'target', 'mask', 'mean', 'std')
+
+
+def evaluate_batch(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
+                   with_data_consistency: bool) -> dict[str, Any]:
+  """Per-slice metrics (reference convention) of each method, and the images as intensities."""
+  outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
+  intensity = lambda x: transforms.denormalize_images(x, batch['mean'], batch['std'])
+  target = intensity(batch['target'])
+  images = {'zero_filled': intensity(batch['target_under']),
+            'fsmnet': intensity(outputs['img_out'])}
+  if with_data_consistency:
+    # The target's own k-space holds the measured samples (exact for simulated undersampling).
+    images['fsmnet_dc'] = data_consistency(images['fsmnet'], kspace.fft2c_jnp(target),
+                                           batch['mask'])
+  return {'metrics': {m: metrics.reference_metrics(target, x) for m, x in images.items()},
+          'images': {**images, 'target': target, 'aux': batch['aux'][..., 0]}}
+
+
+def _volume_scores(images: dict[str, list[np.ndarray]], ssim_fn: Callable, batch: int
+                   ) -> dict[str, dict[str, float]]:
+  """fastMRI-convention metrics of one volume per method (range: the target volume's max)."""
+  target = np.stack(images['target'])
+  data_range = np.float32(target.max())
+  scores = {}
+  for method in (m for m in METHOD_NAMES if m in images):
+    prediction = np.stack(images[method])
+    squared_error = float(np.sum((target.astype(np.float64) - prediction) ** 2))
+    ssims = [np.asarray(ssim_fn(_pad_to(target[i:i + batch], batch),
+                                _pad_to(prediction[i:i + batch], batch), data_range)
+                        )[:len(target[i:i + batch])] for i in range(0, len(target), batch)]
+    scores[method] = {
+        'psnr': 10 * math.log10(float(data_range) ** 2 / (squared_error / target.size)),
+        'ssim': float(np.mean(np.concatenate(ssims))),
+        'nmse': squared_error / float(np.sum(target.astype(np.float64) ** 2))}
+  return scores
+
+
+def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
+  return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
+def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, dict]]:
+  """{method: {metric: {'mean', 'std'}}} over `rows` (population std, as numpy's default)."""
+  return {m: {k: {'mean': float(np.mean([r[f'{m}_{k}'] for r in rows])),
+                  'std': float(np.std([r[f'{m}_{k}'] for r in rows]))} for k in METRICS}
+          for m in methods}
+
+
+def table1_markdown(summary: dict[str, dict[str, dict]], acceleration: int, title: str) -> str:
+  """The paper's Table 1 layout: one row per method, PSNR/SSIM/NMSE as mean ± std."""
+  formats = {'psnr': '.2f', 'ssim': '.4f', 'nmse': '.4f'}
+  header = ' | '.join(f'{k.upper()} ({acceleration}x)' for k in METRICS)
+  lines = [title, '', f'| Method | {header} |', '|---|' + '---|' * len(METRICS)]
+  for method, scores in summary.items():
+    cells = ' | '.join(f'{scores[k]["mean"]:{formats[k]}} ± {scores[k]["std"]:{formats[k]}}'
+                       for k in METRICS)
+    lines.append(f'| {METHOD_NAMES[method]} | {cells} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: str,
+               path: Path) -> None:
+  """Reference | zero-filled | FSMNet | ground truth | |FSMNet - GT| for one slice."""
+  target = images['target']
+  scale = max(float(target.max()), 1e-12)
+  reference = images['aux']
+  reference = (reference - reference.min()) / max(float(np.ptp(reference)), 1e-12)
+  columns = [('reference contrast', reference, 1.0),
+             (f'zero-filled {scores["zero_filled_psnr"]:.2f} dB', images['zero_filled'], scale),
+             (f'FSMNet {scores["fsmnet_psnr"]:.2f} dB', images['fsmnet'], scale),
+             ('ground truth', target, scale)]
+  figure, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+  for axis, (label, image, vmax) in zip(axes, columns):
+    axis.imshow(image, cmap='gray', vmin=0, vmax=vmax)
+    axis.set_title(label, fontsize=10)
+  error_map = axes[4].imshow(np.abs(images['fsmnet'] - target) / scale, cmap='inferno', vmin=0,
+                             vmax=ERROR_MAP_MAX)
+  axes[4].set_title('|FSMNet - GT| / max(GT)', fontsize=10)
+  figure.colorbar(error_map, ax=axes[4], fraction=0.046, pad=0.04)
+  for axis in axes:
+    axis.axis('off')
+  figure.suptitle(title)
+  figure.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(figure)
+
+
+def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+  """PSNR of every slice against its index in the volume, with the mean per index."""
+  figure, axis = plt.subplots(figsize=(8, 4.5))
+  positions = np.array([r['slice'] for r in rows])
+  for method in methods:
+    values = np.array([r[f'{method}_psnr'] for r in rows])
+    points = axis.scatter(positions, values, s=6, alpha=0.3)
+    unique = np.unique(positions)
+    axis.plot(unique, [values[positions == p].mean() for p in unique],
+              color=points.get_facecolor()[0][:3], label=METHOD_NAMES[method])
+  axis.set_xlabel('slice index in the volume')
+  axis.set_ylabel('PSNR (dB, reference convention)')
+  axis.grid(alpha=0.3)
+  axis.legend()
+  figure.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(figure)
+
+
+def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
+             out_dir: str | os.PathLike, split: str = 'test', with_data_consistency: bool = False,
+             num_panels: int = 4, overwrite: bool = False, checkpoint: str = '') -> dict[str, Any]:
+  """Evaluates `params` on `split` and writes the report files into `out_dir`; returns
+  metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f'{out_dir}: already exists; pass --overwrite to replace it')
+  devices = jax.local_devices()
+  mesh = Mesh(np.array(devices), ('data',))
+  batch_size = math.ceil(config.eval.batch_size / len(devices)) * len(devices)
+  source = pipeline.make_source(config, split)
+  loader = pipeline.make_loader(config, split, batch_size, num_epochs=1, shuffle=False,
+                                shard_options=grain.NoSharding(), source=source)
+  rows_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  step = jax.jit(functools.partial(evaluate_batch, apply_fn=model.apply,
+                                   with_data_consistency=with_data_consistency),
+                 in_shardings=(replicated, rows_sharding), out_shardings=rows_sharding)
+  ssim_fn = jax.jit(metrics.ssim)
+  params = jax.device_put(params, replicated)
+  methods = [m for m in METHOD_NAMES if m != 'fsmnet_dc' or with_data_consistency]
+  panel_keys = set(np.linspace(0, len(source) - 1, min(num_panels, len(source))).round()
+                   .astype(int).tolist()) if num_panels else set()
+  slice_rows, volume_rows, panels = [], [], []
+  volume_images, volume_subject = {}, None
+
+  def finish_volume():
+    if volume_subject is not None:
+      scores = _volume_scores(volume_images, ssim_fn, batch_size)
+      volume_rows.append({'subject': volume_subject,
+                          'slices': len(volume_images['target']),
+                          **{f'{m}_{k}': v for m, s in scores.items() for k, v in s.items()}})
+
+  progress = ProgressBar(len(source), unit='slice')
+  for batch in loader:
+    count = len(batch['key'])
+    padded = {k: _pad_to(batch[k], batch_size) for k in BATCH_KEYS}
+    result = jax.device_get(step(params, jax.device_put(padded, rows_sharding)))
+    for row in range(count):
+      record = source.record(int(batch['key'][row]))
+      if record.subject != volume_subject:
+        finish_volume()
+        volume_images, volume_subject = {}, record.subject
+      images = {k: v[row] for k, v in result['images'].items()}
+      for name, image in images.items():
+        volume_images.setdefault(name, []).append(image)
+      scores = {f'{m}_{k}': float(result['metrics'][m][k][row]) for m in methods
+                for k in METRICS}
+      slice_rows.append({'subject': record.subject, 'slice': record.index, **scores})
+      if record.key in panel_keys:
+        panels.append((record, images, scores))
+    progress.update(len(slice_rows))
+  finish_volume()
+  progress.close()
+
+  subjects = sorted({r['subject'] for r in slice_rows})
+  data = config.data
+  report = {
+      'checkpoint': checkpoint, 'dataset': data.dataset, 'split': split,
+      'acceleration': data.acceleration, 'mask_type': data.mask_type,
+      'image_size': data.image_size, 'num_subjects': len(subjects),
+      'num_slices': len(slice_rows), 'data_consistency': with_data_consistency,
+      'reference_convention': summarize(slice_rows, methods),
+      'fastmri_convention': summarize(volume_rows, methods),
+  }
+  title = (f'### {data.dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
+           f'{len(subjects)} subjects, {len(slice_rows)} slices')
+  table = (table1_markdown(report['reference_convention'], data.acceleration, title)
+           + '\nPer slice, on the reference convention (uint8, scikit-image defaults).\n\n'
+           + table1_markdown(report['fastmri_convention'], data.acceleration,
+                             '#### fastMRI convention (per volume, range = max of the volume)'))
+
+  def write(folder: Path) -> None:
+    (folder / 'panels').mkdir(parents=True)
+    (folder / 'metrics.json').write_text(json.dumps(report, indent=1))
+    (folder / 'table1.md').write_text(table)
+    _write_csv(folder / 'slices.csv', slice_rows)
+    _write_csv(folder / 'volumes.csv', volume_rows)
+    for record, images, scores in panels:
+      plot_panel(images, scores, f'{record.subject}, slice {record.index}',
+                 folder / 'panels' / f'{record.subject}_slice{record.index:03d}.png')
+    plot_psnr_by_position(slice_rows, methods, folder / 'psnr_per_slice.png')
+
+  write_atomically(out_dir, write, overwrite)
+  logging.info('wrote %s', out_dir)
+  return report

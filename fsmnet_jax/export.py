@@ -1,0 +1,54 @@
+"""FSMNet inference as a serialized `jax.export` artifact: StableHLO with the weights inside, so
+a serving system runs it without this package's model code.
+
+The exported function is `reconstruct_slices` with the parameters bound: (B, H, W) zero-filled
+target and reference intensities in, (B, H, W) reconstructed intensities out (float32).
+The batch is symbolic unless fixed, H and W are fixed.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.files import write_atomically
+from fsmnet_jax.inference import reconstruct_slices
+from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet
+
+
+def export_inference(model: FSMNet, params: Any, image_size: int, batch_size: int | None = None,
+                     platforms: Sequence[str] | None = None) -> export.Exported:
+  """The exported inference function for image_size x image_size slices; `batch_size` None
+  gives a symbolic batch dimension; `platforms` default to this machine's."""
+  if image_size <= 0 or image_size % DOWNSAMPLING_FACTOR:
+    raise ValueError(f'image size {image_size} must be a positive multiple of '
+                     f'{DOWNSAMPLING_FACTOR}')
+  batch = export.symbolic_shape('b')[0] if batch_size is None else batch_size
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  function = jax.jit(lambda under, aux: reconstruct_slices(params, under, aux,
+                                                           apply_fn=model.apply))
+  spec = jax.ShapeDtypeStruct((batch, image_size, image_size), jnp.float32)
+  return export.export(function, platforms=platforms)(spec, spec)
+
+
+def save_exported(exported: export.Exported, path: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+  """Writes the serialized artifact (refused if `path` exists, unless `overwrite`)."""
+  return write_atomically(path, lambda tmp: tmp.write_bytes(exported.serialize()), overwrite)
+
+
+def load_exported(path: str | os.PathLike) -> export.Exported:
+  """Reads an artifact written by `save_exported`; call it with `.call(under, aux)`."""
+  path = Path(path)
+  if not path.is_file():
+    raise CheckpointError(f'{path}: no such exported model file')
+  try:
+    return export.deserialize(bytearray(path.read_bytes()))
+  except Exception as e:  # flatbuffers and jax raise many types for damaged bytes
+    raise CheckpointError(f'{path}: not a jax.export artifact ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0][:160] if str(e) else "corrupt"})') from e
+

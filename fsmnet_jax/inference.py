@@ -1,0 +1,173 @@
+"""Inference: trained weights from any checkpoint, and FSMNet as a jitted function of raw slices.
+
+`load_params` reads what users have: a training workdir (its latest step), one step folder of
+it, a `save_variables` folder, or a reference PyTorch `.pth`/`.pt`/`.safetensors` converted on
+the fly (needs the `torch` extra). `Reconstructor` runs FSMNet on zero-filled and reference
+slices in their own intensities, batched and sharded over the local devices, compiled once per
+batch shape. `data_consistency` puts measured k-space samples back into a reconstruction.
+"""
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fsmnet_jax import checkpoint as ckpt
+from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.data import kspace, transforms
+from fsmnet_jax.data.brats import default_cache_dir
+from fsmnet_jax.model import FSMNet, infer_model_from_params, init_variables
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+  try:
+    from torch_port.checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
+    from torch_port.convert import ConversionError, torch_to_flax  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(f'{path}: reading PyTorch checkpoints needs torch; install the extra: '
+                          f'pip install "fsmnet-jax[torch]" ({e})') from e
+  state_dict = load_state_dict(path)
+  try:
+    return torch_to_flax(state_dict)
+  except ConversionError as e:
+    raise CheckpointError(f'{path}: {e}') from e
+
+
+def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
+                use_spa_att: bool = False) -> tuple[dict[str, Any], FSMNet]:
+  """(params as numpy, model) from any checkpoint kind. With `model`, the parameters must fit
+  it (else a CheckpointError names the checkpoint and the differences); without, the model is
+  the one the parameters describe."""
+  path = Path(checkpoint)
+  if path.suffix in TORCH_SUFFIXES:
+    variables = _load_torch(path)
+  elif not path.is_dir():
+    raise CheckpointError(f'{path}: no such checkpoint: give a training workdir, a step folder '
+                          f'of one, an exported variables folder or a {"/".join(TORCH_SUFFIXES)} '
+                          f'file')
+  elif (path / ckpt.TRAIN_CHECKPOINT_DIR).is_dir():
+    step = ckpt.latest_train_step(path)
+    if step is None:
+      raise CheckpointError(f'{path / ckpt.TRAIN_CHECKPOINT_DIR}: no complete checkpoint yet')
+    path, variables = step, ckpt.load_train_params(step)
+  elif (path / 'state').is_dir():
+    variables = ckpt.load_train_params(path)
+  else:
+    variables = ckpt.load_variables(path)
+  params = variables['params']
+  if model is None:
+    try:
+      return params, infer_model_from_params(params, use_spa_att)
+    except ValueError as e:
+      raise CheckpointError(f'{path}: {e}') from e
+  expected = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+  mismatch = ckpt.describe_mismatch(_shapes(expected['params']), _shapes(params))
+  if mismatch:
+    raise CheckpointError(f'{path}: its parameters do not fit the configured model '
+                          f'({mismatch}); check config.model against the run that made it')
+  return params, model
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {'/'.join(str(p.key) for p in path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run_config_file(checkpoint: str | os.PathLike) -> Path | None:
+  """The config.json of the training run that `checkpoint` (a workdir or one of its step
+  folders) belongs to, if there is one."""
+  path = Path(checkpoint).absolute()
+  for folder in (path, path.parent, path.parent.parent):
+    if (folder / RUN_CONFIG).is_file() and (folder / ckpt.TRAIN_CHECKPOINT_DIR).is_dir():
+      return folder / RUN_CONFIG
+  return None
+
+
+def reconstruct_slices(params: Any, target_under: jax.Array, aux: jax.Array, *,
+                       apply_fn: Callable) -> jax.Array:
+  """FSMNet on (B, H, W) zero-filled target and reference intensities -> (B, H, W) target
+  intensities; each slice normalised as in training (`transforms.normalize_example`)."""
+  stats = lambda x: (jnp.mean(x, axis=(1, 2), keepdims=True),
+                     jnp.std(x, axis=(1, 2), keepdims=True))
+  mean, std = stats(target_under)
+  aux_mean, aux_std = stats(aux)
+  model_input = lambda x: jnp.clip(x, -transforms.CLIP, transforms.CLIP)[..., None]
+  outputs = apply_fn({'params': params},
+                     model_input(transforms.normalize(target_under, mean, std)),
+                     model_input(transforms.normalize(aux, aux_mean, aux_std)))
+  return transforms.denormalize(outputs['img_out'][..., 0], mean, std)
+
+
+def data_consistency(image: jax.Array, measured: jax.Array, mask: jax.Array,
+                     phase: jax.Array | None = None) -> jax.Array:
+  """The k-space of `image` with the measured samples put back where `mask` is 1, back in
+  image space. (..., H, W) arrays on one k-space grid, DC at the centre.
+
+  With `phase` the object is complex (`image * e^{i phase}`) and the result is a magnitude.
+  Without, the object is real (undersampling simulated from a magnitude image) and the result
+  is the real part: a magnitude would fold the small negative values around a reconstruction
+  into positive noise on the background.
+  """
+  complex_image = image if phase is None else image * jnp.exp(1j * phase)
+  estimate = kspace.fft2c_jnp(complex_image.astype(jnp.complex64))
+  consistent = kspace.ifft2c_jnp(jnp.where(mask > 0, measured, estimate))
+  return jnp.real(consistent) if phase is None else jnp.abs(consistent)
+
+
+class Reconstructor:
+  """FSMNet on stacks of slices: batches of `batch_size` split over the local devices, the
+  last one padded, so one compiled function serves every volume of a given slice size."""
+
+  def __init__(self, model: FSMNet, params: Any, batch_size: int = 8):
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ('data',))
+    self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
+    self._rows = NamedSharding(mesh, P('data'))
+    replicated = NamedSharding(mesh, P())
+    self._params = jax.device_put(params, replicated)
+    self._apply = jax.jit(functools.partial(reconstruct_slices, apply_fn=model.apply),
+                          in_shardings=(replicated, self._rows, self._rows),
+                          out_shardings=self._rows)
+
+  def __call__(self, target_under: np.ndarray, aux: np.ndarray,
+               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """(slices, H, W) zero-filled target and reference intensities -> reconstructed target."""
+    if target_under.shape != aux.shape or target_under.ndim != 3:
+      raise ValueError(f'expected two (slices, H, W) stacks of one shape; got '
+                       f'{target_under.shape} and {aux.shape}')
+    outputs = []
+    for start in range(0, len(target_under), self.batch_size):
+      rows = slice(start, start + self.batch_size)
+      under, reference = (_pad_rows(x[rows].astype(np.float32), self.batch_size)
+                          for x in (target_under, aux))
+      result = self._apply(self._params, jax.device_put(under, self._rows),
+                           jax.device_put(reference, self._rows))
+      outputs.append(np.asarray(result)[:len(target_under[rows])])
+      if on_batch:
+        on_batch(start + len(outputs[-1]))
+    return np.concatenate(outputs)
+
+  def compiled_shapes(self) -> int:
+    """How many input shapes have been compiled so far."""
+    return self._apply._cache_size()  # pylint: disable=protected-access
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  # Zero slices normalise to zeros (std 0 meets the epsilon): no NaN in the padding.
+  return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+
+def enable_compilation_cache() -> None:
+  """Keeps compiled programs on disk, so a command run again skips XLA compilation: in
+  $JAX_COMPILATION_CACHE_DIR if set, else the fsmnet-jax cache folder."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(default_cache_dir() / 'xla'))

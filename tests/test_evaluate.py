@@ -1,0 +1,144 @@
+"""fsmnet-eval: Table 1, per-slice CSV, pictures; agreement with training's evaluation."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from matplotlib import image as mpimg
+
+from configs import tiny
+from fsmnet_jax import evaluate, train
+from fsmnet_jax.data.demo import make_demo_data
+from fsmnet_jax.model import FSMNet, init_variables
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  root = tmp_path_factory.mktemp('demo') / 'data'
+  make_demo_data(root, seed=0, num_subjects=4, num_knee_pairs=1, image_size=32, num_slices=8)
+  config = tiny.get_config()
+  config.data.root = str(root)
+  config.eval.batch_size = 4
+  return config
+
+
+@pytest.fixture(scope='module')
+def params(config):
+  return init_variables(FSMNet(**config.model), jax.random.key(0))['params']
+
+
+@pytest.fixture(scope='module')
+def evaluation(tmp_path_factory, config, params):
+  out = tmp_path_factory.mktemp('eval') / 'eval_test'
+  report = evaluate.evaluate(config, params, FSMNet(**config.model), out,
+                             with_data_consistency=True, num_panels=2)
+  return out, report
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_table1_markdown():
+  summary = {'zero_filled': {'psnr': {'mean': 30.04, 'std': 1.51},
+                             'ssim': {'mean': 0.74812, 'std': 0.03401},
+                             'nmse': {'mean': 0.0412, 'std': 0.0051}},
+             'fsmnet': {'psnr': {'mean': 41.756, 'std': 1.884},
+                        'ssim': {'mean': 0.98612, 'std': 0.00444},
+                        'nmse': {'mean': 0.00153, 'std': 0.00031}}}
+  assert evaluate.table1_markdown(summary, 4, '### BraTS') == (
+      '### BraTS\n\n'
+      '| Method | PSNR (4x) | SSIM (4x) | NMSE (4x) |\n'
+      '|---|---|---|---|\n'
+      '| Zero-filling | 30.04 ± 1.51 | 0.7481 ± 0.0340 | 0.0412 ± 0.0051 |\n'
+      '| FSMNet | 41.76 ± 1.88 | 0.9861 ± 0.0044 | 0.0015 ± 0.0003 |\n')
+
+
+def test_report_files_agree_with_each_other(evaluation):
+  out, report = evaluation
+  assert json.loads((out / 'metrics.json').read_text()) == report
+  slices = _rows(out / 'slices.csv')
+  assert report['num_slices'] == len(slices) > 0
+  assert report['num_subjects'] == len({r['subject'] for r in slices}) == 1  # 1 of 4 is test
+  assert list(slices[0]) == ['subject', 'slice'] + [
+      f'{m}_{k}' for m in ('zero_filled', 'fsmnet', 'fsmnet_dc') for k in evaluate.METRICS]
+  for method, scores in report['reference_convention'].items():
+    for metric, stats in scores.items():
+      values = [float(r[f'{method}_{metric}']) for r in slices]
+      np.testing.assert_allclose(stats['mean'], np.mean(values), rtol=1e-9)
+      np.testing.assert_allclose(stats['std'], np.std(values), rtol=1e-9)
+  volumes = _rows(out / 'volumes.csv')
+  assert len(volumes) == 1 and int(volumes[0]['slices']) == len(slices)
+  table = (out / 'table1.md').read_text()
+  psnr = report['reference_convention']['fsmnet']['psnr']
+  assert f'| FSMNet | {psnr["mean"]:.2f} ± {psnr["std"]:.2f} |' in table
+  assert f'1 subjects, {len(slices)} slices' in table
+
+
+def test_pictures_are_not_blank(evaluation):
+  out, _ = evaluation
+  panels = sorted((out / 'panels').glob('*.png'))
+  assert len(panels) == 2
+  for path in [*panels, out / 'psnr_per_slice.png']:
+    pixels = mpimg.imread(path)[..., :3]
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+    assert pixels.std() > 0.1  # not a blank canvas
+    # Many distinct colours: images, and the coloured error map / curves, were drawn.
+    assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 100
+  panel = mpimg.imread(panels[0])[..., :3]
+  saturation = panel.max(axis=-1) - panel.min(axis=-1)
+  assert (saturation > 0.3).mean() > 0.01  # the error map and its colour bar
+
+
+def test_agrees_with_the_training_evaluator(config, params, evaluation):
+  _, report = evaluation
+  mesh = train.make_mesh(config)
+  replicated = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), params)
+  during_training = train.Evaluator(config, mesh, FSMNet(**config.model).apply, replicated)(params)
+  for method, prefix in (('fsmnet', 'eval_'), ('zero_filled', 'eval_zero_filled_')):
+    for metric in evaluate.METRICS:
+      np.testing.assert_allclose(report['reference_convention'][method][metric]['mean'],
+                                 during_training[prefix + metric], rtol=1e-5)
+
+
+def test_refuses_an_existing_output(config, params, evaluation):
+  out, _ = evaluation
+  before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+  with pytest.raises(FileExistsError, match='pass --overwrite'):
+    evaluate.evaluate(config, params, FSMNet(**config.model), out)
+  assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+
+
+def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, evaluation):
+  torch = pytest.importorskip('torch')
+  from torch_port.convert import flax_to_torch  # pylint: disable=import-outside-toplevel
+  torch.save({'network': flax_to_torch({'params': params})}, tmp_path / 'model.pth')
+  command = [sys.executable, '-m', 'fsmnet_jax.eval_main', '--config',
+             str(REPO / 'configs/tiny.py'), f'--config.data.root={config.data.root}',
+             '--config.eval.batch_size=4', '--checkpoint', str(tmp_path / 'model.pth'),
+             '--num_panels=1']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true'}
+  result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / 'model_eval_test'
+  assert '| FSMNet |' in result.stdout and (out / 'panels').is_dir()
+  cli_report = json.loads((out / 'metrics.json').read_text())
+  # Same weights (the conversion is exact), same slices: the same numbers.
+  for method in ('zero_filled', 'fsmnet'):
+    for metric in evaluate.METRICS:
+      np.testing.assert_allclose(cli_report['reference_convention'][method][metric]['mean'],
+                                 evaluation[1]['reference_convention'][method][metric]['mean'],
+                                 rtol=1e-6)
+  again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+  assert again.returncode == 2 and 'already exists' in again.stderr
+  assert 'Traceback' not in again.stderr
