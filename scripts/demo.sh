@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates or reuses .venv and installs fsmnet-jax, makes the synthetic demo data, trains the demo
-# config on it (resuming if a run is there), and reports PSNR/SSIM of FSMNet next to
-# zero-filling. Safe to run again: existing data and runs are reused, never overwritten.
+# config on it (resuming if a run is there), then evaluates it with fsmnet-eval: Table 1 of
+# FSMNet, FSMNet + data consistency and zero-filling, per-slice CSV and pictures, written to
+# runs/demo/eval_test. Safe to run again: data and runs are reused; only the evaluation folder
+# is rewritten.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -9,4 +11,7 @@ data=demo_data
 workdir=runs/demo
 [ -d "$data/brats" ] || fsmnet-make-demo-data "$data"
 fsmnet-train --config configs/demo.py --workdir "$workdir" --config.data.root "$data" "$@"
-python scripts/demo_report.py "$workdir"
+fsmnet-eval --config configs/demo.py --config.data.root "$data" --checkpoint "$workdir" \
+  --data_consistency --overwrite
+echo "Report: $workdir/eval_test/table1.md; pictures: $workdir/eval_test/panels/*.png and" \
+  "$workdir/eval_test/psnr_per_slice.png"

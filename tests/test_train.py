@@ -21,7 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import default, tiny
+from fsmnet_jax import inference, train
 from fsmnet_jax.data.demo import make_demo_data
+from fsmnet_jax.model import FSMNet, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -112,8 +115,6 @@ def _relative_l2(a, b, reference=None) -> float:
 
 @pytest.fixture(scope='module')
 def initial_params():
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  from fsmnet_jax.model import FSMNet, init_variables  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as create_train_state
   return init_variables(FSMNet(**config.model), init_rng)['params']
@@ -170,6 +171,9 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache):
   assert eval_lines[-1]['eval_psnr'] > eval_lines[-1]['eval_zero_filled_psnr'] + 0.3
   best = max(eval_lines, key=lambda m: m['eval_psnr'])['step']
   assert set(_steps(tmp_path)) == {40, best}  # the latest (keep_checkpoints=1) and the best
+  # What fsmnet-eval / fsmnet-reconstruct read from a workdir: the latest step's parameters.
+  params, _ = inference.load_params(tmp_path, FSMNet(**tiny.get_config().model))
+  _assert_bitwise_equal(params, _state(tmp_path, 40)['params'])
 
 
 def test_one_and_eight_devices_train_alike(tmp_path, data_root, compile_cache,
@@ -287,8 +291,6 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, 
 
 def _one_step(**train_overrides):
   """(state before, state after, metrics) of one jitted train step of the tiny model."""
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  from fsmnet_jax import train  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.train.batch_size = 4
   config.train.update(train_overrides)
@@ -332,10 +334,8 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(plain_step):
 @pytest.mark.parametrize('schedule, factor', [('reference', 0.5), ('paper', 0.1),
                                               ('constant', 1.0)])
 def test_learning_rate_schedules(schedule, factor):
-  from configs import default  # pylint: disable=import-outside-toplevel
-  from fsmnet_jax.train import learning_rate_schedule  # pylint: disable=import-outside-toplevel
   config = default.get_config().train
   config.schedule = schedule
-  lr = learning_rate_schedule(config)
+  lr = train.learning_rate_schedule(config)
   np.testing.assert_allclose([lr(0), lr(19_999), lr(20_000), lr(40_000)],
                              np.array([1, 1, factor, factor**2]) * 1e-4, rtol=1e-6)
