@@ -11,6 +11,7 @@ over the local devices, and writes into `out_dir` (atomically: complete or absen
 """
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -153,6 +154,66 @@ def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: 
   plt.close(figure)
 
 
+@dataclasses.dataclass
+class SplitScores:
+  """What scoring a split gives: one row per slice and per volume, and the panels' images."""
+  methods: list[str]
+  slices: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  volumes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  panels: list[tuple[pipeline.SliceRecord, dict, dict]] = dataclasses.field(default_factory=list)
+
+
+def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, split: str,
+                with_data_consistency: bool, num_panels: int) -> SplitScores:
+  """Scores every slice of `split` (in record order, so volume by volume), sharded over the
+  local devices; keeps the images of `num_panels` evenly spaced slices."""
+  devices = jax.local_devices()
+  mesh = Mesh(np.array(devices), ('data',))
+  batch_size = math.ceil(config.eval.batch_size / len(devices)) * len(devices)
+  source = pipeline.make_source(config, split)
+  loader = pipeline.make_loader(config, split, batch_size, num_epochs=1, shuffle=False,
+                                shard_options=grain.NoSharding(), source=source)
+  rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  step = jax.jit(functools.partial(evaluate_batch, apply_fn=model.apply,
+                                   with_data_consistency=with_data_consistency),
+                 in_shardings=(replicated, rows), out_shardings=rows)
+  ssim_fn = jax.jit(metrics.ssim)
+  params = jax.device_put(params, replicated)
+  scores = SplitScores([m for m in METHOD_NAMES if m != 'fsmnet_dc' or with_data_consistency])
+  panel_keys = set(np.linspace(0, len(source) - 1, min(num_panels, len(source))).round()
+                   .astype(int).tolist()) if num_panels else set()
+  volume = {'subject': None, 'images': {}}
+
+  def finish_volume():
+    if volume['subject'] is not None:
+      by_method = _volume_scores(volume['images'], ssim_fn, batch_size)
+      scores.volumes.append({'subject': volume['subject'],
+                             'slices': len(volume['images']['target']),
+                             **{f'{m}_{k}': v for m, s in by_method.items() for k, v in s.items()}})
+
+  progress = ProgressBar(len(source), unit='slice')
+  for batch in loader:
+    padded = {k: _pad_to(batch[k], batch_size) for k in BATCH_KEYS}
+    result = jax.device_get(step(params, jax.device_put(padded, rows)))
+    for row, key in enumerate(batch['key']):
+      record = source.record(int(key))
+      if record.subject != volume['subject']:
+        finish_volume()
+        volume.update(subject=record.subject, images={})
+      images = {k: v[row] for k, v in result['images'].items()}
+      for name, image in images.items():
+        volume['images'].setdefault(name, []).append(image)
+      slice_scores = {f'{m}_{k}': float(result['metrics'][m][k][row]) for m in scores.methods
+                      for k in METRICS}
+      scores.slices.append({'subject': record.subject, 'slice': record.index, **slice_scores})
+      if record.key in panel_keys:
+        scores.panels.append((record, images, slice_scores))
+    progress.update(len(scores.slices))
+  finish_volume()
+  progress.close()
+  return scores
+
+
 def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
              out_dir: str | os.PathLike, split: str = 'test', with_data_consistency: bool = False,
              num_panels: int = 4, overwrite: bool = False, checkpoint: str = '') -> dict[str, Any]:
@@ -161,65 +222,18 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   out_dir = Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f'{out_dir}: already exists; pass --overwrite to replace it')
-  devices = jax.local_devices()
-  mesh = Mesh(np.array(devices), ('data',))
-  batch_size = math.ceil(config.eval.batch_size / len(devices)) * len(devices)
-  source = pipeline.make_source(config, split)
-  loader = pipeline.make_loader(config, split, batch_size, num_epochs=1, shuffle=False,
-                                shard_options=grain.NoSharding(), source=source)
-  rows_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(evaluate_batch, apply_fn=model.apply,
-                                   with_data_consistency=with_data_consistency),
-                 in_shardings=(replicated, rows_sharding), out_shardings=rows_sharding)
-  ssim_fn = jax.jit(metrics.ssim)
-  params = jax.device_put(params, replicated)
-  methods = [m for m in METHOD_NAMES if m != 'fsmnet_dc' or with_data_consistency]
-  panel_keys = set(np.linspace(0, len(source) - 1, min(num_panels, len(source))).round()
-                   .astype(int).tolist()) if num_panels else set()
-  slice_rows, volume_rows, panels = [], [], []
-  volume_images, volume_subject = {}, None
-
-  def finish_volume():
-    if volume_subject is not None:
-      scores = _volume_scores(volume_images, ssim_fn, batch_size)
-      volume_rows.append({'subject': volume_subject,
-                          'slices': len(volume_images['target']),
-                          **{f'{m}_{k}': v for m, s in scores.items() for k, v in s.items()}})
-
-  progress = ProgressBar(len(source), unit='slice')
-  for batch in loader:
-    count = len(batch['key'])
-    padded = {k: _pad_to(batch[k], batch_size) for k in BATCH_KEYS}
-    result = jax.device_get(step(params, jax.device_put(padded, rows_sharding)))
-    for row in range(count):
-      record = source.record(int(batch['key'][row]))
-      if record.subject != volume_subject:
-        finish_volume()
-        volume_images, volume_subject = {}, record.subject
-      images = {k: v[row] for k, v in result['images'].items()}
-      for name, image in images.items():
-        volume_images.setdefault(name, []).append(image)
-      scores = {f'{m}_{k}': float(result['metrics'][m][k][row]) for m in methods
-                for k in METRICS}
-      slice_rows.append({'subject': record.subject, 'slice': record.index, **scores})
-      if record.key in panel_keys:
-        panels.append((record, images, scores))
-    progress.update(len(slice_rows))
-  finish_volume()
-  progress.close()
-
-  subjects = sorted({r['subject'] for r in slice_rows})
+  scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data
   report = {
       'checkpoint': checkpoint, 'dataset': data.dataset, 'split': split,
       'acceleration': data.acceleration, 'mask_type': data.mask_type,
-      'image_size': data.image_size, 'num_subjects': len(subjects),
-      'num_slices': len(slice_rows), 'data_consistency': with_data_consistency,
-      'reference_convention': summarize(slice_rows, methods),
-      'fastmri_convention': summarize(volume_rows, methods),
+      'image_size': data.image_size, 'num_subjects': len(scores.volumes),
+      'num_slices': len(scores.slices), 'data_consistency': with_data_consistency,
+      'reference_convention': summarize(scores.slices, scores.methods),
+      'fastmri_convention': summarize(scores.volumes, scores.methods),
   }
   title = (f'### {data.dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
-           f'{len(subjects)} subjects, {len(slice_rows)} slices')
+           f'{len(scores.volumes)} subjects, {len(scores.slices)} slices')
   table = (table1_markdown(report['reference_convention'], data.acceleration, title)
            + '\nPer slice, on the reference convention (uint8, scikit-image defaults).\n\n'
            + table1_markdown(report['fastmri_convention'], data.acceleration,
@@ -229,12 +243,12 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
     (folder / 'panels').mkdir(parents=True)
     (folder / 'metrics.json').write_text(json.dumps(report, indent=1))
     (folder / 'table1.md').write_text(table)
-    _write_csv(folder / 'slices.csv', slice_rows)
-    _write_csv(folder / 'volumes.csv', volume_rows)
-    for record, images, scores in panels:
-      plot_panel(images, scores, f'{record.subject}, slice {record.index}',
+    _write_csv(folder / 'slices.csv', scores.slices)
+    _write_csv(folder / 'volumes.csv', scores.volumes)
+    for record, images, slice_scores in scores.panels:
+      plot_panel(images, slice_scores, f'{record.subject}, slice {record.index}',
                  folder / 'panels' / f'{record.subject}_slice{record.index:03d}.png')
-    plot_psnr_by_position(slice_rows, methods, folder / 'psnr_per_slice.png')
+    plot_psnr_by_position(scores.slices, scores.methods, folder / 'psnr_per_slice.png')
 
   write_atomically(out_dir, write, overwrite)
   logging.info('wrote %s', out_dir)
