@@ -2,6 +2,10 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,6 +17,8 @@ from fsmnet_jax import inference
 from fsmnet_jax.checkpoint import CheckpointError, save_variables
 from fsmnet_jax.data import kspace, transforms
 from fsmnet_jax.model import FSMNet, init_variables
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -139,3 +145,35 @@ def test_data_consistency_restores_measured_lines():
   complex_full = kspace.fft2c(truth * np.exp(1j * phase))
   result = inference.data_consistency(truth, complex_full * mask, mask, phase)
   np.testing.assert_allclose(result, truth, atol=1e-5)
+
+
+SHARDED_RUN = '''
+import sys
+import jax, numpy as np
+from configs import tiny
+from fsmnet_jax import inference
+from fsmnet_jax.model import FSMNet, init_variables
+model = FSMNet(**tiny.get_config().model)
+params = init_variables(model, jax.random.key(0))['params']
+under, aux = np.random.default_rng(1).random((2, 6, 32, 32), np.float32)
+reconstructor = inference.Reconstructor(model, params, batch_size=3)
+result = reconstructor(under, aux)
+expected = np.asarray(inference.reconstruct_slices(params, under, aux, apply_fn=model.apply))
+nudged = np.asarray(inference.reconstruct_slices(params, under * np.float32(1 + 1e-7), aux,
+                                                 apply_fn=model.apply))
+np.savez(sys.argv[1], result=result, expected=expected, nudged=nudged,
+         batch_size=reconstructor.batch_size, devices=jax.device_count())
+'''
+
+
+def test_reconstructor_shards_slices_over_devices(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  subprocess.run([sys.executable, '-c', SHARDED_RUN, str(tmp_path / 'out.npz')], check=True,
+                 env=env, cwd=REPO)
+  out = np.load(tmp_path / 'out.npz')
+  assert out['devices'] == 4 and out['batch_size'] == 4  # 3 rounded up to the device count
+  # As in the single-device test: each slice within its own float32 sensitivity.
+  sensitivity = np.abs(out['nudged'] - out['expected']).max(axis=(1, 2))
+  difference = np.abs(out['result'] - out['expected']).max(axis=(1, 2))
+  assert np.all(difference <= np.maximum(2 * sensitivity, 1e-6)), (difference, sensitivity)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsmnet_jax.layers import Conv2d, ConvAct, pixel_shuffle, pixel_unshuffle, replace_non_finite
+from fsmnet_jax.layers import (Conv2d, ConvAct, depthwise_by_shifts, pixel_shuffle,
+                               pixel_unshuffle, replace_non_finite)
 
 
 @pytest.mark.parametrize('in_features,features,kernel_size,groups', [
@@ -64,3 +65,22 @@ def test_pixel_shuffle_matches_torch():
 def test_replace_non_finite():
   x = jnp.array([1.0, jnp.nan, jnp.inf, -jnp.inf, -2.0])
   np.testing.assert_array_equal(replace_non_finite(x), np.float32([1.0, 1e-5, 1e-5, 1e-5, -2.0]))
+
+
+def test_depthwise_by_shifts_is_the_grouped_convolution():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 12, 10, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
+  grouped = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=6)
+  # Nine products summed in another order: float32 rounding only (measured <= 1e-6).
+  np.testing.assert_allclose(depthwise_by_shifts(x, kernel), grouped(x, kernel), atol=2e-6)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  for ours, theirs in zip(jax.grad(loss(depthwise_by_shifts), (0, 1))(x, kernel),
+                          jax.grad(loss(grouped), (0, 1))(x, kernel)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)  # measured 4.4e-7 relative
+  # Conv2d takes this path for depthwise kernels on CPU.
+  layer = Conv2d(6, 3, use_bias=False, groups=6)
+  variables = layer.init(jax.random.key(0), x)
+  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x),
+                             grouped(x, variables['params']['kernel']), atol=2e-6)
