@@ -1,9 +1,17 @@
-"""Shared fixtures: reference-format weights with every scalar moved off its default.
+"""Shared fixtures: reference-format weights with every scalar moved off its default, and the
+demo data, compilation cache and initial parameters of the training tests.
 
 torch is imported lazily so that the JAX-only tests run without the torch extra.
 """
 
+import os
+
+import jax
 import pytest
+
+from configs import tiny
+from fsmnet_jax.data.demo import make_demo_data
+from fsmnet_jax.model import FSMNet, init_variables
 
 
 def randomize_scalars(model, seed: int):
@@ -26,3 +34,30 @@ def reference_weights():
   torch.manual_seed(0)
   model = randomize_scalars(TorchFSMNet(), seed=1).eval()
   return model, model.state_dict()
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  """Demo data: 4 BraTS-layout subjects (1 for test) and 1 knee pair, 32 px, 8 slices."""
+  root = tmp_path_factory.mktemp('demo') / 'data'
+  make_demo_data(root, seed=0, num_subjects=4, num_knee_pairs=1, image_size=32, num_slices=8)
+  return root
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache for every training run of the session, shared by the parallel
+  test workers (each has its own base temp folder, inside a common one)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  (base / 'jax_cache').mkdir(exist_ok=True)
+  return base / 'jax_cache'
+
+
+@pytest.fixture(scope='module')
+def initial_params():
+  """The tiny model's initial parameters, as create_train_state draws them."""
+  config = tiny.get_config()
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  return init_variables(FSMNet(**config.model), init_rng)['params']

@@ -15,18 +15,15 @@ from matplotlib import image as mpimg
 
 from configs import tiny
 from fsmnet_jax import evaluate, train
-from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.model import FSMNet, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def config(tmp_path_factory):
-  root = tmp_path_factory.mktemp('demo') / 'data'
-  make_demo_data(root, seed=0, num_subjects=4, num_knee_pairs=1, image_size=32, num_slices=8)
+def config(data_root):
   config = tiny.get_config()
-  config.data.root = str(root)
+  config.data.root = str(data_root)
   config.eval.batch_size = 4
   return config
 

@@ -1,0 +1,107 @@
+"""Running fsmnet-train in subprocesses for the training tests, and reading what runs saved.
+
+Each run gets its own CPU device count (`XLA_FLAGS=--xla_force_host_platform_device_count=N`
+must be set before jax starts); all share a persistent compilation cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    '--config.train.batch_size=8', '--config.eval.batch_size=8', '--config.eval.max_batches=1',
+    '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
+    '--config.eval.every=1000', '--config.train.num_steps=6',
+]
+# Runs that differ only in how the gradient sum is split (1 vs 8 devices, 1 vs 2 processes)
+# differ by float32 summation order. Adam turns the rounding of tiny gradients into whole
+# steps, and the phase branch is discontinuous (a bias before an FFT can flip a DC bin's phase
+# by pi), so the runs drift apart. Measured on the tiny config, as |params - other| / |params -
+# init|: after 1 step 0.0028-0.0030 (1 vs 8 devices; 4 devices vs 2x2 processes); after 3 steps
+# 0.0026 (1 vs 8) and 0.16 (4 vs 2x2: one such flip at step 2); the same model trained on other
+# data: 0.85. Losses: equal to 1e-7 at step 1, within 2.2e-4 after. Bounds: ~10x at step 1, 2x
+# at step 3.
+STEP_1_DRIFT = 0.03
+STEP_3_DRIFT = 0.3
+LOSS_RTOL = 1e-3
+# Three steps with a checkpoint after each: the runs the drift bounds compare.
+COMPARED_RUN = ('--config.train.num_steps=3', '--config.train.checkpoint_every=1')
+
+
+def cli_env(devices: int, cache: Path) -> dict[str, str]:
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true',
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+          'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def cli_command(workdir: Path, data_root: Path, *overrides: str, config: str = 'tiny'
+                ) -> list[str]:
+  return [sys.executable, '-m', 'fsmnet_jax.main', '--config', str(REPO / f'configs/{config}.py'),
+          '--workdir', str(workdir), f'--config.data.root={data_root}', *TINY, *overrides]
+
+
+def train_run(workdir, data_root, cache, *overrides, devices=1, check=True):
+  result = subprocess.run(cli_command(workdir, data_root, *overrides),
+                          env=cli_env(devices, cache), capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+  if check and result.returncode:
+    raise AssertionError(f'fsmnet-train failed ({result.returncode}):\n{result.stderr[-4000:]}')
+  return result
+
+
+def saved_steps(workdir: Path) -> list[int]:
+  folder = workdir / 'checkpoints'
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def saved_state(workdir: Path, step: int | None = None) -> dict:
+  """The saved train state as numpy (whatever devices saved it)."""
+  path = (workdir / 'checkpoints' / str(step or saved_steps(workdir)[-1]) / 'state').absolute()
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+  leaves_a, leaves_b = (jax.tree_util.tree_leaves_with_path(x) for x in (a, b))
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+def logged_losses(workdir: Path) -> dict[int, float]:
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {m['step']: m['train_loss'] for m in lines if 'train_loss' in m}
+
+
+def relative_l2(a, b, reference=None) -> float:
+  """|a - b| / |a - reference| (or / |a|) over all leaves."""
+  leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+  a, b = leaves(a), leaves(b)
+  reference = leaves(reference) if reference is not None else [np.zeros_like(x) for x in a]
+  return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b))
+                       / sum(np.sum((x - r) ** 2) for x, r in zip(a, reference))))
+
+
+def assert_same_training(workdir: Path, other: Path, initial_params) -> None:
+  """Same steps and losses, and parameters that drift apart only as float32 rounding does."""
+  assert saved_steps(workdir) == saved_steps(other) == [1, 2, 3]
+  for step, bound in ((1, STEP_1_DRIFT), (3, STEP_3_DRIFT)):
+    params, other_params = saved_state(workdir, step)['params'], saved_state(other, step)['params']
+    assert relative_l2(params, other_params, initial_params) < bound, step
+  losses, other_losses = logged_losses(workdir), logged_losses(other)
+  np.testing.assert_allclose(losses[1], other_losses[1], rtol=1e-6)
+  np.testing.assert_allclose([losses[s] for s in (2, 3)], [other_losses[s] for s in (2, 3)],
+                             rtol=LOSS_RTOL)
