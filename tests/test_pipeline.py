@@ -1,5 +1,6 @@
 """grain pipelines on the demo data: batches, reproducibility, resume, sharding, fixed test masks."""
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -180,3 +181,11 @@ def test_global_batches_do_not_depend_on_the_process_count():
   assert len(finite) == 24  # 12 whole global batches of 4; the remainder is dropped
   with pytest.raises(IndexError):
     finite[24]
+
+
+def test_brats_source_pickles_without_its_open_files(config):
+  source = pipeline.make_source(config, 'train')
+  first = source[0]
+  clone = pickle.loads(pickle.dumps(source))
+  assert len(pickle.dumps(source)) < 100_000  # no memory-mapped volumes inside
+  np.testing.assert_array_equal(clone[0]['target'], first['target'])

@@ -10,6 +10,7 @@ masks are fixed per volume, seeded from its file name as fastMRI does.
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 from absl import flags
@@ -37,6 +38,7 @@ class BratsSlices(grain.RandomAccessDataSource):
   def __init__(self, subjects: list[brats.Subject], image_size: int, percentile: float,
                min_foreground: float, skip_bad_subjects: bool = False,
                cache_dir: str | None = None):
+    self._open_volumes, self._lock = {}, threading.Lock()
     self._records, skipped = [], []
     for subject in subjects:
       try:
@@ -65,8 +67,23 @@ class BratsSlices(grain.RandomAccessDataSource):
     _, subject, index = self._records[i]
     return SliceRecord(i, subject.t2.name, index, subject.name)
 
+  def _volumes(self, cache_file: str) -> np.ndarray:
+    # Each cached file is opened once: numpy parses .npy headers with ast.literal_eval, which
+    # CPython 3.11 can fail ("AST constructor recursion depth mismatch") when grain's reader
+    # threads run it at the same time.
+    with self._lock:
+      if cache_file not in self._open_volumes:
+        self._open_volumes[cache_file] = np.load(cache_file, mmap_mode='r')
+      return self._open_volumes[cache_file]
+
+  def __getstate__(self) -> dict:  # grain sends sources to its worker processes
+    return {**self.__dict__, '_open_volumes': {}, '_lock': None}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state, _lock=threading.Lock())
+
   def __getitem__(self, i: int) -> dict:
-    t1, t2 = np.load(self._records[i][0], mmap_mode='r')[:, self._records[i][2]]
+    t1, t2 = self._volumes(self._records[i][0])[:, self._records[i][2]]
     return {'target': np.array(t2), 'aux': np.array(t1), 'kspace': kspace.fft2c(t2),
             'record': self.record(i)}
 
