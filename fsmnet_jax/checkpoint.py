@@ -90,7 +90,7 @@ class TrainCheckpoints:
     except Exception as e:  # orbax raises many types for damaged folders
       raise CheckpointError(f'{folder}: unreadable checkpoint metadata ({type(e).__name__}: '
                             f'{str(e).splitlines()[0][:200]})') from e
-    mismatch = describe_mismatch(_shapes(state), _shapes(saved))
+    mismatch = describe_mismatch(shapes_by_path(state), shapes_by_path(saved))
     if mismatch:
       raise CheckpointError(
           f'{folder}: this checkpoint is of a different model or optimizer than the config '
@@ -166,7 +166,8 @@ def _hide_missing_step_metadata(record: logging.LogRecord) -> bool:
   return 'Metadata file does not exist' not in record.getMessage()
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} of a tree's arrays (live arrays, numpy, or saved metadata)."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
   return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, 'shape')}
 

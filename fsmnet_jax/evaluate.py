@@ -23,20 +23,18 @@ from typing import Any, Callable
 import grain.python as grain
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+# Figures are built and saved directly, without pyplot: no display or backend is needed.
+from matplotlib.figure import Figure
 
-matplotlib.use('Agg')  # files only: no display on clusters and CI
-from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
-
-from fsmnet_jax import metrics  # pylint: disable=wrong-import-position
-from fsmnet_jax.data import kspace, pipeline, transforms  # pylint: disable=wrong-import-position
-from fsmnet_jax.files import write_atomically  # pylint: disable=wrong-import-position
-from fsmnet_jax.inference import data_consistency  # pylint: disable=wrong-import-position
-from fsmnet_jax.model import FSMNet  # pylint: disable=wrong-import-position
-from fsmnet_jax.reporting import ProgressBar  # pylint: disable=wrong-import-position
+from fsmnet_jax import metrics
+from fsmnet_jax.data import kspace, pipeline, transforms
+from fsmnet_jax.files import write_atomically
+from fsmnet_jax.inference import data_consistency, pad_rows
+from fsmnet_jax.model import FSMNet
+from fsmnet_jax.reporting import ProgressBar
 
 METHOD_NAMES = {'zero_filled': 'Zero-filling', 'fsmnet': 'FSMNet',
                 'fsmnet_dc': 'FSMNet + data consistency'}
@@ -70,18 +68,14 @@ def _volume_scores(images: dict[str, list[np.ndarray]], ssim_fn: Callable, batch
   for method in (m for m in METHOD_NAMES if m in images):
     prediction = np.stack(images[method])
     squared_error = float(np.sum((target.astype(np.float64) - prediction) ** 2))
-    ssims = [np.asarray(ssim_fn(_pad_to(target[i:i + batch], batch),
-                                _pad_to(prediction[i:i + batch], batch), data_range)
+    ssims = [np.asarray(ssim_fn(pad_rows(target[i:i + batch], batch),
+                                pad_rows(prediction[i:i + batch], batch), data_range)
                         )[:len(target[i:i + batch])] for i in range(0, len(target), batch)]
     scores[method] = {
         'psnr': 10 * math.log10(float(data_range) ** 2 / (squared_error / target.size)),
         'ssim': float(np.mean(np.concatenate(ssims))),
         'nmse': squared_error / float(np.sum(target.astype(np.float64) ** 2))}
   return scores
-
-
-def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
-  return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
 
 
 def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, dict]]:
@@ -121,7 +115,8 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
              (f'zero-filled {scores["zero_filled_psnr"]:.2f} dB', images['zero_filled'], scale),
              (f'FSMNet {scores["fsmnet_psnr"]:.2f} dB', images['fsmnet'], scale),
              ('ground truth', target, scale)]
-  figure, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+  figure = Figure(figsize=(17, 3.8))
+  axes = figure.subplots(1, 5)
   for axis, (label, image, vmax) in zip(axes, columns):
     axis.imshow(image, cmap='gray', vmin=0, vmax=vmax)
     axis.set_title(label, fontsize=10)
@@ -133,12 +128,12 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
     axis.axis('off')
   figure.suptitle(title)
   figure.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(figure)
 
 
 def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
   """PSNR of every slice against its index in the volume, with the mean per index."""
-  figure, axis = plt.subplots(figsize=(8, 4.5))
+  figure = Figure(figsize=(8, 4.5))
+  axis = figure.subplots()
   positions = np.array([r['slice'] for r in rows])
   for method in methods:
     values = np.array([r[f'{method}_psnr'] for r in rows])
@@ -151,7 +146,6 @@ def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: 
   axis.grid(alpha=0.3)
   axis.legend()
   figure.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(figure)
 
 
 @dataclasses.dataclass
@@ -193,7 +187,7 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
 
   progress = ProgressBar(len(source), unit='slice')
   for batch in loader:
-    padded = {k: _pad_to(batch[k], batch_size) for k in BATCH_KEYS}
+    padded = {k: pad_rows(batch[k], batch_size) for k in BATCH_KEYS}
     result = jax.device_get(step(params, jax.device_put(padded, rows)))
     for row, key in enumerate(batch['key']):
       record = source.record(int(key))

@@ -30,15 +30,15 @@ RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
 
 def _load_torch(path: Path) -> dict[str, Any]:
   try:
-    from torch_port.checkpoint import load_state_dict  # pylint: disable=import-outside-toplevel
-    from torch_port.convert import ConversionError, torch_to_flax  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from torch_port import checkpoint as torch_checkpoint, convert
   except ImportError as e:
     raise CheckpointError(f'{path}: reading PyTorch checkpoints needs torch; install the extra: '
                           f'pip install "fsmnet-jax[torch]" ({e})') from e
-  state_dict = load_state_dict(path)
+  state_dict = torch_checkpoint.load_state_dict(path)
   try:
-    return torch_to_flax(state_dict)
-  except ConversionError as e:
+    return convert.torch_to_flax(state_dict)
+  except convert.ConversionError as e:
     raise CheckpointError(f'{path}: {e}') from e
 
 
@@ -70,16 +70,12 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
     except ValueError as e:
       raise CheckpointError(f'{path}: {e}') from e
   expected = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-  mismatch = ckpt.describe_mismatch(_shapes(expected['params']), _shapes(params))
+  mismatch = ckpt.describe_mismatch(ckpt.shapes_by_path(expected['params']),
+                                    ckpt.shapes_by_path(params))
   if mismatch:
     raise CheckpointError(f'{path}: its parameters do not fit the configured model '
                           f'({mismatch}); check config.model against the run that made it')
   return params, model
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {'/'.join(str(p.key) for p in path): tuple(np.shape(leaf))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def run_config_file(checkpoint: str | os.PathLike) -> Path | None:
@@ -147,7 +143,7 @@ class Reconstructor:
     outputs = []
     for start in range(0, len(target_under), self.batch_size):
       rows = slice(start, start + self.batch_size)
-      under, reference = (_pad_rows(x[rows].astype(np.float32), self.batch_size)
+      under, reference = (pad_rows(x[rows].astype(np.float32), self.batch_size)
                           for x in (target_under, aux))
       result = self._apply(self._params, jax.device_put(under, self._rows),
                            jax.device_put(reference, self._rows))
@@ -161,7 +157,8 @@ class Reconstructor:
     return self._apply._cache_size()  # pylint: disable=protected-access
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """`x` with zero rows appended up to `size` rows (the last batch of a jitted loop)."""
   # Zero slices normalise to zeros (std 0 meets the epsilon): no NaN in the padding.
   return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
 

@@ -25,6 +25,7 @@ from fsmnet_jax.inference import Reconstructor, data_consistency
 CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
 AFFINE_TOLERANCE_MM = 1e-3
+_data_consistency = jax.jit(data_consistency)
 
 
 @dataclasses.dataclass
@@ -101,10 +102,10 @@ def simulate(reconstructor: Reconstructor, t2: np.ndarray, t1: np.ndarray, mask:
              with_data_consistency: bool) -> Reconstruction:
   """Undersamples fully-sampled T2 slices with `mask` and reconstructs them, T1-guided."""
   full_kspace = kspace.fft2c(t2)
-  zero_filled = np.abs(kspace.ifft2c(full_kspace * mask)).astype(np.float32)
+  zero_filled = kspace.zero_filled(full_kspace, mask)
   image = reconstructor(zero_filled, t1)
   if with_data_consistency:
-    image = np.asarray(jax.jit(data_consistency)(image, full_kspace * mask, mask))
+    image = np.asarray(_data_consistency(image, full_kspace * mask, mask))
   psnr = {name: float(metrics.volume_psnr(t2, x))
           for name, x in (('zero_filled', zero_filled), ('fsmnet', image))}
   return Reconstruction(image, zero_filled, mask, psnr)
@@ -238,6 +239,6 @@ def _full_grid_consistency(image: np.ndarray, measured: np.ndarray, mask: np.nda
   rows, cols = magnitude.shape[1:]
   top, left = (rows - image.shape[1]) // 2, (cols - image.shape[2]) // 2
   magnitude[:, top:top + image.shape[1], left:left + image.shape[2]] = image
-  consistent = jax.jit(data_consistency)(magnitude, measured.astype(np.complex64), mask,
-                                         np.angle(zero_filled).astype(np.float32))
+  consistent = _data_consistency(magnitude, measured.astype(np.complex64), mask,
+                                  np.angle(zero_filled).astype(np.float32))
   return fastmri.center_crop(np.asarray(consistent), image.shape[1])

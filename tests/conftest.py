@@ -61,3 +61,9 @@ def initial_params():
   config = tiny.get_config()
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   return init_variables(FSMNet(**config.model), init_rng)['params']
+
+
+@pytest.fixture(scope='module')
+def tiny_model_and_params(initial_params):
+  """(the tiny config's FSMNet, its initial parameters)."""
+  return FSMNet(**tiny.get_config().model), initial_params

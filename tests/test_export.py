@@ -2,27 +2,18 @@
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from fsmnet_jax import cli, export
 from fsmnet_jax.checkpoint import CheckpointError, save_variables
 from fsmnet_jax.inference import Reconstructor
-from fsmnet_jax.model import FSMNet, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def model_and_params():
-  model = FSMNet(**tiny.get_config().model)
-  return model, init_variables(model, jax.random.key(2))['params']
-
-
-def test_round_trip_gives_the_models_output(tmp_path, model_and_params):
-  model, params = model_and_params
+def test_round_trip_gives_the_models_output(tmp_path, tiny_model_and_params):
+  model, params = tiny_model_and_params
   path = export.save_exported(export.export_inference(model, params, 32), tmp_path / 'f.jax')
   reloaded = export.load_exported(path)
   rng = np.random.default_rng(0)
@@ -36,8 +27,8 @@ def test_round_trip_gives_the_models_output(tmp_path, model_and_params):
     reloaded.call(under[:, :16, :16], aux[:, :16, :16])
 
 
-def test_fixed_batch_and_several_platforms(model_and_params):
-  model, params = model_and_params
+def test_fixed_batch_and_several_platforms(tiny_model_and_params):
+  model, params = tiny_model_and_params
   exported = export.export_inference(model, params, 32, batch_size=4, platforms=('cpu', 'cuda'))
   assert exported.platforms == ('cpu', 'cuda')
   assert [a.shape for a in exported.in_avals] == [(4, 32, 32)] * 2
@@ -45,8 +36,8 @@ def test_fixed_batch_and_several_platforms(model_and_params):
     export.export_inference(model, params, 30)
 
 
-def test_cli_and_bad_files(tmp_path, capsys, model_and_params):
-  model, params = model_and_params
+def test_cli_and_bad_files(tmp_path, capsys, tiny_model_and_params):
+  model, params = tiny_model_and_params
   checkpoint = save_variables({'params': params}, tmp_path / 'weights')
   out = tmp_path / 'fsmnet.jaxexport'
   arguments = ['--checkpoint', str(checkpoint), '--config', str(REPO / 'configs/tiny.py'),

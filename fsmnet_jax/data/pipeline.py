@@ -3,9 +3,9 @@
 A batch is a dict of numpy arrays: `target_under`, `aux`, `target` (B, H, W, 1) float32,
 `mask` (B, H, W) float32 (1 where k-space was measured), `mean`, `std` (B,) (the statistics
 that map `target` back to intensities), `key` (B,) (the records' positions in the source:
-`source.record(key)` says which subject and slice). Training masks are drawn per example from grain's
-per-record generator (a function of the seed, the epoch and the position: reproducible); test
-masks are fixed per volume, seeded from its file name as fastMRI does.
+`source.record(key)` says which subject and slice). Training masks are drawn per example from
+grain's per-record generator (a function of the seed, the epoch and the position:
+reproducible); test masks are fixed per volume, seeded from its file name as fastMRI does.
 """
 
 import dataclasses
