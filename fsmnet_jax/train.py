@@ -96,11 +96,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                                  SCHEDULE_DECAY[config.schedule], staircase=True)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh
-                       ) -> TrainState:
-  """The initial state (PyTorch's initialisation from `config.seed`), placed on `mesh`."""
+def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh,
+                       params: Any = None) -> TrainState:
+  """The initial state, placed on `mesh`: `params` if given, else PyTorch's initialisation
+  from `config.seed`."""
   init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = init_variables(model, init_rng)['params']
+  if params is None:
+    params = init_variables(model, init_rng)['params']
   tx = optim.reference_optimizer(learning_rate_schedule(config.train),
                                  optim.parameter_labels(params, model),
                                  clip_norm=config.train.clip_norm or None, b1=config.train.b1,

@@ -1,0 +1,9 @@
+"""The benchmark, runnable from a checkout: same as the `fsmnet-bench` console script.
+
+  python scripts/bench.py --json bench.json
+"""
+
+from fsmnet_jax.bench import run
+
+if __name__ == '__main__':
+  run()

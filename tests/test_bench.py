@@ -1,0 +1,73 @@
+"""fsmnet-bench: the plan, the worker processes and the report, on the tiny model (--quick)."""
+
+import json
+
+import pytest
+
+from fsmnet_jax import bench
+
+
+def test_default_plan_measures_what_the_readme_table_shows():
+  specs = bench.plan()
+  rows = {(s.framework, s.task, s.model, s.size, s.batch) for s in specs}
+  for framework in ('jax', 'torch', 'torch-tuned'):
+    assert {(framework, 'train', 'paper', 240, 4), (framework, 'train', 'tiny', 64, 4),
+            (framework, 'infer', 'paper', 240, 1), (framework, 'infer', 'paper', 240, 8)} <= rows
+  # inductor compiles the tiny model only; the paper model would take most of the budget.
+  assert {s.model for s in specs if s.framework == 'torch-compile'} == {'tiny'}
+  assert {(s.framework, s.task) for s in specs if s.task in ('matmul', 'flops')} == {
+      ('jax', 'matmul'), ('torch-tuned', 'matmul'), ('torch-tuned', 'flops')}
+  assert all(s.group == 'main' and s.repeats == 3 for s in specs)
+
+
+def test_sweeps_cover_sizes_batches_and_devices():
+  specs = bench.plan(frameworks=('jax', 'torch-tuned'), sweeps=('size', 'batch', 'devices'))
+  by_group = lambda g: [s for s in specs if s.group == g]
+  assert {s.size for s in by_group('size')} == {128, 240, 320, 480}
+  assert {s.batch for s in by_group('batch')} == {1, 2, 4, 8, 16}
+  assert {s.devices for s in by_group('devices')} == {1, 2, 4, 8}
+  assert {s.framework for s in by_group('devices')} == {'jax'}
+  with pytest.raises(ValueError, match='unknown sweep'):
+    bench.plan(sweeps=('threads',))
+
+
+def test_quick_run_measures_both_frameworks_in_their_own_processes(tmp_path, capsys):
+  pytest.importorskip('torch')
+  out = tmp_path / 'bench.json'
+  code = bench.main(['--quick', '--frameworks', 'jax,torch', '--repeats', '2', '--threads', '1',
+                     '--json', str(out)])
+  report = capsys.readouterr().out
+  assert code == 0, report
+  data = json.loads(out.read_text())
+  assert data['machine']['threads'] == 1 and data['machine']['jax'] and data['machine']['torch']
+  measured = [r for r in data['results'] if r['spec']['task'] in ('train', 'infer')]
+  assert len(measured) == 2 * 3
+  for entry in measured:
+    result = entry['result']
+    assert 'error' not in result, entry
+    assert len(result['seconds']) == 2 and result['min_s'] <= result['median_s'] <= result['max_s']
+    assert result['images_per_s'] == pytest.approx(entry['spec']['batch'] / result['median_s'])
+    assert result['threads'] == 1 and result['peak_rss_gib'] > 0.1
+    if entry['spec']['framework'] == 'jax':
+      assert result['compile_s'] > 0 and result['flops_per_image'] > 0
+      assert result['device_count'] == 1
+  summary = data['summary']
+  assert summary['matmul_peak_gflops_per_s'] > 1
+  assert set(summary['ratios']) == {f'{task} tiny 16px batch {b}: JAX / torch'
+                                    for task, b in (('train', 2), ('infer', 1), ('infer', 2))}
+  # Both FLOP counts of the forward pass: XLA's cost analysis also counts the element-wise
+  # work, the FFTs and the attention, torch's FlopCounterMode only matmuls and convolutions.
+  torch_forward = summary['torch_flops_per_image']['flops_per_image']
+  jax_forward = summary['utilisation']['infer tiny 16px batch 1']['gflop_per_image'] * 1e9
+  assert torch_forward <= jax_forward <= 3 * torch_forward
+  assert '| train step, tiny 16px, batch 2 |' in report and 'JAX / PyTorch eager |' in report
+
+
+def test_failed_worker_is_reported_not_hidden(tmp_path):
+  result = bench.run_worker(bench.Spec('jax', 'train', 'tiny', size=30, batch=4),
+                            tmp_path / 'missing.npz', [0])
+  assert 'error' in result and 'exit code' in result['error']
+  report = bench.format_report(
+      [{'spec': bench.dataclasses.asdict(bench.Spec('jax', 'train', 'tiny', 32, 4)),
+        'result': result}], bench.summarize([]), bench.machine_info([0]))
+  assert 'failed' in report
