@@ -47,13 +47,18 @@ class Conv2d(nn.Module):
     # their native convolution (see the README's performance section for the measurements).
     if self.groups == in_features == self.features and self.groups > 1:
       y = jax.lax.platform_dependent(x, kernel, cpu=depthwise_by_shifts, default=convolve)
-    elif (self.groups == 1 and k > 1 and x.shape[0] > 1
+    elif (self.groups == 1 and k > 1 and _known_batch(x) > 1
           and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS):
       y = jax.lax.platform_dependent(x, kernel, cpu=conv_with_per_sample_weight_grad,
                                      default=convolve)
     else:
       y = convolve(x, kernel)
     return y if bias is None else y + bias
+
+
+def _known_batch(x: jax.Array) -> int:
+  """The batch size, or 0 if it is symbolic (jax.export with a polymorphic batch)."""
+  return x.shape[0] if isinstance(x.shape[0], int) else 0
 
 
 def _convolution(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
