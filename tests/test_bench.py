@@ -71,4 +71,4 @@ def test_failed_worker_is_reported_not_hidden(tmp_path):
   report = bench.format_report(
       [{'spec': bench.dataclasses.asdict(bench.Spec('jax', 'train', 'tiny', 32, 4)),
         'result': result}], bench.summarize([]), bench.machine_info([0]))
-  assert 'failed' in report
+  assert 'failed' in report and 'Failed measurements:\n- jax (train tiny 32px): exit code' in report

@@ -102,7 +102,7 @@ def test_per_sample_kernel_gradient_is_the_batched_one():
   # Three per-sample sums added instead of one batched sum (measured 2.9e-7 of the largest).
   np.testing.assert_allclose(dk, plain_dk, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(plain_dk))))
   # Conv2d takes this path for batched 3x3 convolutions of large images on CPU.
-  x = jnp.asarray(rng.normal(size=(2, 136, 136, 2)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 72, 72, 2)), jnp.float32)
   layer = Conv2d(7, 3, use_bias=False)
   variables = layer.init(jax.random.key(0), x)
   layer_grad = jax.grad(lambda v: jnp.sum(jnp.sin(layer.apply(v, x))))(variables)
