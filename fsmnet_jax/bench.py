@@ -423,6 +423,8 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
       row = (spec['task'], spec['model'], spec['size'], spec['batch'])
       if row not in rows:
         rows.append(row)
+  if not rows:  # a sweeps-only run
+    return '\n'.join(lines + _failure_lines(results) + _sweep_tables(results))
   header = ['images/s, median (range)'] + [FRAMEWORK_TITLES[f] for f in frameworks]
   ratio_columns = [f for f in frameworks if f != 'jax']
   header += [f'JAX / {FRAMEWORK_TITLES[f]}' for f in ratio_columns if 'jax' in frameworks]
@@ -465,13 +467,14 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
       mfu = f"{100 * value['mfu']:.0f}%" if value['mfu'] is not None else '–'
       lines.append(f"| {key} | {value['gflop_per_image']:.1f} | "
                    f"{value['achieved_gflops_per_s']:.0f} | {mfu} |")
+  return '\n'.join(lines + _failure_lines(results) + _sweep_tables(results))
+
+
+def _failure_lines(results: list[dict]) -> list[str]:
   failures = [f"{entry['spec']['framework']} ({entry['spec']['task']} {entry['spec']['model']} "
               f"{entry['spec']['size']}px): {entry['result']['error']}"
               for entry in results if 'error' in entry['result']]
-  if failures:
-    lines += ['', 'Failed measurements:', *(f'- {failure}' for failure in failures)]
-  lines += _sweep_tables(results)
-  return '\n'.join(lines)
+  return ['', 'Failed measurements:', *(f'- {failure}' for failure in failures)] if failures else []
 
 
 def _find_any(results: list[dict], **fields) -> dict | None:
