@@ -363,11 +363,9 @@ def _cpu_model() -> str:
 
 
 def _find(results: list[dict], **fields) -> dict | None:
-  for entry in results:
-    spec = entry['spec']
-    if all(spec[k] == v for k, v in fields.items()) and 'error' not in entry['result']:
-      return entry['result']
-  return None
+  """The result of the measurement with these spec fields, if it succeeded."""
+  result = _find_any(results, **fields)
+  return None if result is None or 'error' in result else result
 
 
 def summarize(results: list[dict]) -> dict:
@@ -400,12 +398,12 @@ def summarize(results: list[dict]) -> dict:
   return summary
 
 
-def _cell(result: dict | None) -> str:
+def _cell(result: dict | None, batch: int) -> str:
   if result is None:
     return '–'
   if 'error' in result:
     return 'failed'
-  low, high = result['batch'] / result['max_s'], result['batch'] / result['min_s']
+  low, high = batch / result['max_s'], batch / result['min_s']
   return f"{result['images_per_s']:.3g} ({low:.3g}–{high:.3g})"
 
 
@@ -432,9 +430,9 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
   memory_lines, compile_lines = [], []
   for task, model, size, batch in rows:
     fields = dict(task=task, model=model, size=size, batch=batch)
-    cells = {f: _with_batch(_find_any(main, framework=f, **fields), batch) for f in frameworks}
+    cells = {f: _find_any(main, framework=f, **fields) for f in frameworks}
     name = ('train step' if task == 'train' else 'inference') + f', {model} {size}px, batch {batch}'
-    line = [name] + [_cell(cells[f]) for f in frameworks]
+    line = [name] + [_cell(cells[f], batch) for f in frameworks]
     if 'jax' in frameworks:
       for f in ratio_columns:
         ok = cells['jax'] and cells[f] and 'error' not in cells['jax'] and 'error' not in cells[f]
@@ -478,15 +476,11 @@ def _failure_lines(results: list[dict]) -> list[str]:
 
 
 def _find_any(results: list[dict], **fields) -> dict | None:
-  """Like `_find`, but a failed measurement is returned too (shown as 'failed')."""
+  """The result of the measurement with these spec fields, failed ones included."""
   for entry in results:
     if all(entry['spec'][k] == v for k, v in fields.items()):
       return entry['result']
   return None
-
-
-def _with_batch(result: dict | None, batch: int) -> dict | None:
-  return None if result is None else {**result, 'batch': batch}
 
 
 def _sweep_tables(results: list[dict]) -> list[str]:

@@ -45,7 +45,7 @@ class Conv2d(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
     convolve = functools.partial(_convolution, groups=self.groups)
     # XLA:CPU is slow at two convolution kinds this network is full of; GPUs and TPUs keep
-    # their native convolution (see the README's performance section for the measurements).
+    # their native convolution (measurements: the README's Benchmarks section).
     if self.groups == in_features == self.features and self.groups > 1:
       y = jax.lax.platform_dependent(x, kernel, cpu=depthwise_by_shifts, default=convolve)
     elif (self.groups == 1 and k > 1 and _known_batch(x) > 1
@@ -126,7 +126,7 @@ def conv_with_per_sample_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Arr
 
 
 def _per_sample_forward(x, kernel):
-  return _convolution(x, kernel, groups=1), (x, kernel)
+  return conv_with_per_sample_weight_grad(x, kernel), (x, kernel)
 
 
 def _per_sample_backward(residuals, grad):
