@@ -10,6 +10,11 @@ of `--repeats` timed runs, with their range.
 PyTorch runs twice: with glibc's default malloc, and with the tuned one of
 `GLIBC_TUNABLES=...mmap_max=0...` (large activations otherwise go back to the kernel every step).
 
+On a GPU both frameworks run float32 models with TF32 tensor-core convolutions and matmuls: XLA's
+default, and PyTorch's for convolutions (its matmuls are set to match); 'tuned' PyTorch also
+autotunes its cuDNN convolutions there, as XLA does. `--bf16` adds JAX rows with the training
+config's bfloat16 compute (`config.train.compute_dtype`).
+
   fsmnet-bench                        # the headline table (paper model, 240 px), < 10 min on 2 cores
   fsmnet-bench --json bench.json      # the same, every figure also in a JSON file
   fsmnet-bench --sweep size --sweep batch --sweep devices   # how time grows
@@ -18,9 +23,11 @@ PyTorch runs twice: with glibc's default malloc, and with the tuned one of
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from fsmnet_jax.files import write_atomically
 
 TUNED_MALLOC = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
 MODELS = {  # FSMNet attributes; 'paper' is the reference's network
@@ -41,9 +50,9 @@ FRAMEWORKS = {  # name -> (library, glibc tunables, torch.compile)
     'torch-compile': ('torch', TUNED_MALLOC, True),
 }
 FRAMEWORK_TITLES = {'jax': 'JAX (jit)', 'torch': 'PyTorch eager',
-                    'torch-tuned': 'PyTorch eager, tuned malloc',
-                    'torch-compile': 'torch.compile, tuned malloc'}
-MATMUL_SIZE = 2048
+                    'torch-tuned': 'PyTorch eager, tuned',
+                    'torch-compile': 'torch.compile, tuned'}
+MATMUL_SIZES = {'cpu': 2048, 'accelerator': 8192}  # large enough to reach each one's peak
 WORKER_TIMEOUT_S = 900
 
 
@@ -57,6 +66,7 @@ class Spec:
   size: int = 240
   batch: int = 1
   devices: int = 1  # forced host devices (JAX on CPU; data-parallel over them)
+  dtype: str = 'float32'  # compute dtype of convolutions and matmuls (JAX only: 'bfloat16')
   repeats: int = 3
   warmup: int = 1
   group: str = 'main'
@@ -66,7 +76,8 @@ class Spec:
     if self.task in ('matmul', 'flops'):
       return f'{self.task} {self.framework}'
     devices = f', {self.devices} devices' if self.devices > 1 else ''
-    return (f'{self.task} {self.model} {self.size}px batch {self.batch}{devices} '
+    dtype = f', {self.dtype}' if self.dtype != 'float32' else ''
+    return (f'{self.task} {self.model} {self.size}px batch {self.batch}{devices}{dtype} '
             f'[{self.framework}]')
 
 
@@ -121,10 +132,12 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   if spec.task == 'matmul':
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    a = jax.random.normal(jax.random.key(0), (MATMUL_SIZE, MATMUL_SIZE), jnp.float32)
+    size = MATMUL_SIZES['cpu' if jax.devices()[0].platform == 'cpu' else 'accelerator']
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(jnp.dot).lower(a, a).compile()
     seconds = _timed(lambda: matmul(a, a).block_until_ready(), 2, 5)
-    return {'seconds': seconds, 'gflops_per_s': 2 * MATMUL_SIZE**3 / min(seconds) / 1e9}
+    return {'seconds': seconds, 'matmul_size': size,
+            'gflops_per_s': 2 * size**3 / min(seconds) / 1e9}
 
   from configs import default  # pylint: disable=import-outside-toplevel
   from fsmnet_jax import train  # pylint: disable=import-outside-toplevel
@@ -133,6 +146,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   config.model.update(MODELS[spec.model])
   config.data.image_size = spec.size
   config.train.batch_size = spec.batch
+  config.train.compute_dtype = spec.dtype
   model = FSMNet(**config.model)
   params = _load_weights(weights)
   mesh = train.make_mesh(config)
@@ -152,7 +166,10 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
   else:
-    variables = jax.device_put({'params': params}, NamedSharding(mesh, P()))
+    # As the training step's mixed precision: parameters and inputs in the compute dtype.
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), tree)
+    variables = jax.device_put(cast({'params': params}), NamedSharding(mesh, P()))
+    under, aux = cast((under, aux))
     compiled = jax.jit(model.apply).lower(variables, under, aux).compile()
     run = lambda: jax.block_until_ready(compiled(variables, under, aux))
   compile_s = time.perf_counter() - start
@@ -165,22 +182,29 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   if device.platform != 'cpu':
     stats = device.memory_stats() or {}
     result['peak_device_gib'] = stats.get('peak_bytes_in_use', 0) / 2**30
+    result['device'] = device.device_kind
   return result
 
 
-def _torch_worker(spec: Spec, weights: str, use_compile: bool) -> dict:
+def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+  if device.type == 'cuda':
+    # XLA's float32 default on GPUs; PyTorch already runs its convolutions this way.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = tuned
   if spec.task == 'matmul':
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    size = MATMUL_SIZES['cpu' if device.type == 'cpu' else 'accelerator']
+    a = torch.randn(size, size, device=device)
 
     def matmul():
       torch.mm(a, a)
       sync()
     seconds = _timed(matmul, 2, 5)
-    return {'seconds': seconds, 'gflops_per_s': 2 * MATMUL_SIZE**3 / min(seconds) / 1e9}
+    return {'seconds': seconds, 'matmul_size': size,
+            'gflops_per_s': 2 * size**3 / min(seconds) / 1e9}
 
   from fsmnet_jax.model import FSMNet  # pylint: disable=import-outside-toplevel
   from torch_port import TorchFSMNet  # pylint: disable=import-outside-toplevel
@@ -230,17 +254,23 @@ def _torch_worker(spec: Spec, weights: str, use_compile: bool) -> dict:
   result['seconds'] = _timed(run, spec.warmup, spec.repeats)
   if device.type == 'cuda':
     result['peak_device_gib'] = torch.cuda.max_memory_allocated() / 2**30
+    result['device'] = torch.cuda.get_device_name(device)
   return result
 
 
 def _worker_main(spec_json: str, weights: str, cpus: str) -> None:
   _pin_threads([int(c) for c in cpus.split(',')])
   spec = Spec(**json.loads(spec_json))
-  library, _, use_compile = FRAMEWORKS[spec.framework]
+  library, tunables, use_compile = FRAMEWORKS[spec.framework]
+  if spec.dtype != 'float32' and library != 'jax':
+    raise ValueError(f'{spec.framework}: only JAX runs {spec.dtype}')
+  if library == 'torch':
+    # JAX only converts the weights here: it must not take the accelerator from torch.
+    os.environ['JAX_PLATFORMS'] = 'cpu'
   if library == 'jax':
     result = _jax_worker(spec, weights)
   else:
-    result = _torch_worker(spec, weights, use_compile)
+    result = _torch_worker(spec, weights, bool(tunables), use_compile)
   result['peak_rss_gib'] = _peak_rss_gib()
   result['threads'] = len(os.sched_getaffinity(0))
   print('BENCH_RESULT ' + json.dumps(result), flush=True)
@@ -249,9 +279,10 @@ def _worker_main(spec_json: str, weights: str, cpus: str) -> None:
 # Parent side: plans, launches workers, reports.
 
 def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
-         sweeps: tuple[str, ...] = (), repeats: int = 3) -> list[Spec]:
+         sweeps: tuple[str, ...] = (), repeats: int = 3, bf16: bool = False) -> list[Spec]:
   """The measurements of one run. `quick` measures the tiny model at 16 px only: a smoke run
-  of the whole machinery in about a minute, for tests."""
+  of the whole machinery in about a minute, for tests. `bf16` adds JAX's mixed-precision
+  training step and batched inference."""
   big_model, big_size = ('tiny', 16) if quick else ('paper', 240)
   specs = []
   for framework in frameworks:
@@ -263,11 +294,15 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
     if FRAMEWORKS[framework][2] and not quick:
       # inductor's C++ compile of the paper model would take most of the time budget here
       rows = [row for row in rows if row[1] == 'tiny']
+    rows = [(*row, 'float32') for row in rows]
+    if bf16 and framework == 'jax':
+      rows += [(task, model, size, batch, 'bfloat16') for task, model, size, batch, _ in rows
+               if batch > 1 and model == big_model]
     # The paper model's batched calls take 10-40 s each here: one timed run fewer keeps the
     # whole default run under 10 minutes on 2 cores.
-    specs += [Spec(framework, task, model, size, batch,
+    specs += [Spec(framework, task, model, size, batch, dtype=dtype,
                    repeats=max(2, repeats - 1) if model == 'paper' and batch > 1 else repeats)
-              for task, model, size, batch in rows]
+              for task, model, size, batch, dtype in rows]
   for library in sorted({FRAMEWORKS[f][0] for f in frameworks}):
     specs.append(Spec(library if library == 'jax' else 'torch-tuned', 'matmul'))
   if any(FRAMEWORKS[f][0] == 'torch' for f in frameworks):
@@ -296,7 +331,13 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
 
 
 def _save_weights(model: str, path: Path) -> None:
-  """One Flax initialisation (PyTorch's scheme, seed 0), flattened to an .npz."""
+  """One Flax initialisation (PyTorch's scheme, seed 0), flattened to an .npz; on the CPU, so
+  that every machine gets the same weights and this process holds no accelerator memory."""
+  subprocess.run([sys.executable, '-m', 'fsmnet_jax.bench', '--init-weights', model, str(path)],
+                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=True)
+
+
+def _init_weights_main(model: str, path: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from fsmnet_jax.model import FSMNet, init_variables  # pylint: disable=import-outside-toplevel
@@ -344,11 +385,11 @@ def machine_info(cpus: list[int]) -> dict:
   info = {'date': datetime.date.today().isoformat(), 'python': platform.python_version(),
           'platform': platform.platform(), 'cpus_used': cpus, 'threads': len(cpus),
           'cpu_model': _cpu_model()}
-  for module in ('jax', 'jaxlib', 'flax', 'torch'):
-    try:
-      info[module] = __import__(module).__version__
-    except ImportError:
-      info[module] = None
+  for package in ('jax', 'jaxlib', 'flax', 'torch'):
+    try:  # the installed version, without importing it (and starting an accelerator) here
+      info[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      info[package] = None
   return info
 
 
@@ -371,9 +412,11 @@ def _find(results: list[dict], **fields) -> dict | None:
 def summarize(results: list[dict]) -> dict:
   """Ratios JAX / PyTorch (throughput; > 1: JAX is faster), FLOP rates and utilisation."""
   main = [r for r in results if r['spec']['group'] == 'main']
-  peaks = [r['result'].get('gflops_per_s', 0.0) for r in main if r['spec']['task'] == 'matmul'
-           and 'error' not in r['result']]
-  summary: dict[str, Any] = {'matmul_peak_gflops_per_s': max(peaks) if peaks else None,
+  matmuls = [r['result'] for r in main
+             if r['spec']['task'] == 'matmul' and 'error' not in r['result']]
+  best = max(matmuls, key=lambda r: r['gflops_per_s'], default={})
+  summary: dict[str, Any] = {'matmul_peak_gflops_per_s': best.get('gflops_per_s'),
+                             'matmul_size': best.get('matmul_size'),
                              'ratios': {}, 'utilisation': {}}
   torch_flops = _find(main, task='flops')
   if torch_flops:
@@ -383,9 +426,11 @@ def summarize(results: list[dict]) -> dict:
     if spec['framework'] != 'jax' or spec['task'] not in ('train', 'infer') or 'error' in result:
       continue
     key = f"{spec['task']} {spec['model']} {spec['size']}px batch {spec['batch']}"
+    if spec['dtype'] != 'float32':
+      key += f" {spec['dtype']}"
     for other in ('torch', 'torch-tuned', 'torch-compile'):
       theirs = _find(main, framework=other, task=spec['task'], model=spec['model'],
-                     size=spec['size'], batch=spec['batch'])
+                     size=spec['size'], batch=spec['batch'], dtype='float32')
       if theirs:
         summary['ratios'][f'{key}: JAX / {other}'] = result['images_per_s'] / theirs['images_per_s']
     flops = result.get('flops_per_image', 0.0)
@@ -409,16 +454,20 @@ def _cell(result: dict | None, batch: int) -> str:
 
 def format_report(results: list[dict], summary: dict, info: dict) -> str:
   """Markdown tables: throughput per framework, then memory, compile time, FLOPs; sweeps."""
+  accelerators = sorted({r['result']['device'] for r in results if 'device' in r['result']})
+  on = f" and {', '.join(accelerators)} (TF32 float32 arithmetic)" if accelerators else ''
   lines = [f"fsmnet-bench, {info['date']}: {info['cpu_model']}, {info['threads']} threads "
-           f"(CPUs {info['cpus_used']}); jax {info['jax']}, flax {info['flax']}, "
+           f"(CPUs {info['cpus_used']}){on}; jax {info['jax']}, flax {info['flax']}, "
            f"torch {info['torch']}, Python {info['python']}.", '']
   main = [r for r in results if r['spec']['group'] == 'main']
-  frameworks = [f for f in FRAMEWORKS if any(r['spec']['framework'] == f for r in main)]
+  frameworks = [f for f in FRAMEWORKS if any(r['spec']['framework'] == f
+                                              and r['spec']['task'] in ('train', 'infer')
+                                              for r in main)]
   rows = []
   for entry in main:
     spec = entry['spec']
     if spec['task'] in ('train', 'infer'):
-      row = (spec['task'], spec['model'], spec['size'], spec['batch'])
+      row = (spec['task'], spec['model'], spec['size'], spec['batch'], spec['dtype'])
       if row not in rows:
         rows.append(row)
   if not rows:  # a sweeps-only run
@@ -427,11 +476,13 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
   ratio_columns = [f for f in frameworks if f != 'jax']
   header += [f'JAX / {FRAMEWORK_TITLES[f]}' for f in ratio_columns if 'jax' in frameworks]
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  memory_lines, compile_lines = [], []
-  for task, model, size, batch in rows:
-    fields = dict(task=task, model=model, size=size, batch=batch)
+  memory_lines, device_memory_lines, compile_lines = [], [], []
+  for task, model, size, batch, dtype in rows:
+    fields = dict(task=task, model=model, size=size, batch=batch, dtype=dtype)
     cells = {f: _find_any(main, framework=f, **fields) for f in frameworks}
     name = ('train step' if task == 'train' else 'inference') + f', {model} {size}px, batch {batch}'
+    if dtype != 'float32':
+      name += f', {dtype}'
     line = [name] + [_cell(cells[f], batch) for f in frameworks]
     if 'jax' in frameworks:
       for f in ratio_columns:
@@ -439,19 +490,24 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
         line.append(f"{cells['jax']['images_per_s'] / cells[f]['images_per_s']:.2f}x" if ok
                     else '–')
     lines.append('| ' + ' | '.join(line) + ' |')
-    memory_lines.append('| ' + ' | '.join(
-        [name] + [f"{cells[f]['peak_rss_gib']:.2f}" if cells[f] and 'error' not in cells[f]
-                  else '–' for f in frameworks]) + ' |')
+    for table, field in ((memory_lines, 'peak_rss_gib'), (device_memory_lines, 'peak_device_gib')):
+      table.append('| ' + ' | '.join(
+          [name] + [f"{cells[f][field]:.2f}" if cells[f] and field in cells[f] else '–'
+                    for f in frameworks]) + ' |')
     compile_cells = [f"{cells[f]['compile_s']:.1f}" if cells[f] and 'compile_s' in cells[f]
                      else '–' for f in frameworks]
     compile_lines.append('| ' + ' | '.join([name] + compile_cells) + ' |')
   titles = [FRAMEWORK_TITLES[f] for f in frameworks]
   lines += ['', '| peak host RSS, GiB | ' + ' | '.join(titles) + ' |',
             '|' + '---|' * (len(titles) + 1), *memory_lines]
+  if accelerators:
+    lines += ['', '| peak device memory, GiB | ' + ' | '.join(titles) + ' |',
+              '|' + '---|' * (len(titles) + 1), *device_memory_lines]
   lines += ['', '| compile / first call, s | ' + ' | '.join(titles) + ' |',
             '|' + '---|' * (len(titles) + 1), *compile_lines]
   peak = summary['matmul_peak_gflops_per_s']
-  lines += ['', f"Matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE} fp32, best of both frameworks): "
+  size = summary['matmul_size']
+  lines += ['', f"Matmul peak ({size}x{size} float32, best of both frameworks): "
                 f"{peak:.0f} GFLOP/s." if peak else 'Matmul peak: not measured.']
   flops = summary.get('torch_flops_per_image')
   if flops:
@@ -511,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ['--worker']:
     _worker_main(*argv[1:])
     return 0
+  if argv[:1] == ['--init-weights']:
+    _init_weights_main(*argv[1:])
+    return 0
   parser = argparse.ArgumentParser(
       prog='fsmnet-bench', description=__doc__.split('\n\n')[0],
       epilog='Each measurement runs in its own process; the report is Markdown on stdout.')
@@ -525,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
                            'unless --with-main')
   parser.add_argument('--with-main', action='store_true',
                       help='with --sweep: measure the headline table too')
+  parser.add_argument('--bf16', action='store_true',
+                      help='add JAX rows with bfloat16 compute (training step and batched '
+                           'inference of the headline model)')
   parser.add_argument('--quick', action='store_true',
-                      help='tiny model at 32 px everywhere: checks the machinery in seconds')
+                      help='tiny model at 16 px everywhere: checks the machinery in a minute')
   args = parser.parse_args(argv)
   frameworks = tuple(f for f in args.frameworks.split(',') if f)
   unknown = [f for f in frameworks if f not in FRAMEWORKS]
@@ -541,37 +603,59 @@ def main(argv: list[str] | None = None) -> int:
   if args.json and args.json.exists() and not args.json.is_file():
     parser.error(f'--json {args.json}: not a file')
 
-  specs = plan(args.quick, frameworks, tuple(args.sweep), args.repeats)
+  specs = plan(args.quick, frameworks, tuple(args.sweep), args.repeats, args.bf16)
   if args.sweep and not args.with_main:
     specs = [s for s in specs if s.group != 'main']
   info = machine_info(cpus)
   print(f"fsmnet-bench: {len(specs)} measurements, {len(cpus)} threads on CPUs {cpus}",
         file=sys.stderr, flush=True)
-  results = []
+  results: list[dict] = []
   start = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix='fsmnet-bench-') as tmp:
-    weights = {}
-    for model in sorted({s.model for s in specs}):
-      weights[model] = Path(tmp) / f'{model}.npz'
-      _save_weights(model, weights[model])
-    for spec in specs:
-      result = run_worker(spec, weights[spec.model], cpus)
-      status = result.get('error') or (
-          f"{result['median_s']:.3g} s median" if 'median_s' in result else 'done')
-      print(f"  {spec.label}: {status} ({result.get('wall_s', 0):.0f} s)", file=sys.stderr,
-            flush=True)
-      results.append({'spec': dataclasses.asdict(spec), 'result': result})
+  # A run stopped part-way (Ctrl-C, `timeout`, a batch system's SIGTERM) still reports, and
+  # its JSON keeps, every measurement it finished; the worker in flight is killed.
+  previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    with tempfile.TemporaryDirectory(prefix='fsmnet-bench-') as tmp:
+      weights = {}
+      for model in sorted({s.model for s in specs}):
+        weights[model] = Path(tmp) / f'{model}.npz'
+        _save_weights(model, weights[model])
+      for spec in specs:
+        result = run_worker(spec, weights[spec.model], cpus)
+        status = result.get('error') or (
+            f"{result['median_s']:.3g} s median" if 'median_s' in result else 'done')
+        print(f"  {spec.label}: {status} ({result.get('wall_s', 0):.0f} s)", file=sys.stderr,
+              flush=True)
+        results.append({'spec': dataclasses.asdict(spec), 'result': result})
+        info['total_s'] = time.perf_counter() - start
+        if args.json:
+          _write_json(args.json, info, results)
+    info['interrupted'] = False
+  except KeyboardInterrupt:
+    info['interrupted'] = True
+    print(f'fsmnet-bench: interrupted after {len(results)} of {len(specs)} measurements',
+          file=sys.stderr, flush=True)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
   info['total_s'] = time.perf_counter() - start
-  summary = summarize(results)
-  report = format_report(results, summary, info)
-  print(report)
-  print(f"\n(total {info['total_s']:.0f} s)")
+  report = format_report(results, summarize(results), info)
   if args.json:
-    args.json.write_text(json.dumps({'machine': info, 'summary': summary, 'results': results},
-                                    indent=2) + '\n')
+    _write_json(args.json, info, results)
+  print(report)
+  print(f"\n(total {info['total_s']:.0f} s{', interrupted' if info['interrupted'] else ''})")
   # torch.compile is measured where it works; its failure is a finding, not a benchmark error.
-  return 1 if any('error' in r['result'] and r['spec']['framework'] != 'torch-compile'
-                  for r in results) else 0
+  return 1 if info['interrupted'] or any(
+      'error' in r['result'] and r['spec']['framework'] != 'torch-compile' for r in results) else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
+def _write_json(path: Path, info: dict, results: list[dict]) -> None:
+  text = json.dumps({'machine': info, 'summary': summarize(results), 'results': results},
+                    indent=2) + '\n'
+  write_atomically(path, lambda temporary: temporary.write_text(text), overwrite=True)
 
 
 def run() -> None:
