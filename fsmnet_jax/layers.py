@@ -44,14 +44,16 @@ class Conv2d(nn.Module):
     bias = self.param('bias', _uniform(bound), (self.features,)) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
     convolve = functools.partial(_convolution, groups=self.groups)
-    # XLA:CPU is slow at two convolution kinds this network is full of; GPUs and TPUs keep
-    # their native convolution (measurements: the README's Benchmarks section).
+    # XLA:CPU is slow at depthwise convolutions and at some gradients of dense ones; GPUs and
+    # TPUs keep their native convolution (measurements: the README's Benchmarks section).
     if self.groups == in_features == self.features and self.groups > 1:
       y = jax.lax.platform_dependent(x, kernel, cpu=depthwise_by_shifts, default=convolve)
-    elif (self.groups == 1 and k > 1 and _known_batch(x) > 1
-          and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS):
-      y = jax.lax.platform_dependent(x, kernel, cpu=conv_with_per_sample_weight_grad,
-                                     default=convolve)
+    elif self.groups == 1:
+      per_sample = (k > 1 and _known_batch(x) > 1
+                    and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS)
+      y = jax.lax.platform_dependent(
+          x, kernel, default=convolve,
+          cpu=functools.partial(conv_with_explicit_gradients, per_sample_kernel_grad=per_sample))
     else:
       y = convolve(x, kernel)
     return y if bias is None else y + bias
@@ -115,30 +117,50 @@ def _depthwise_backward(residuals, grad):
 depthwise_by_shifts.defvjp(_depthwise_forward, _depthwise_backward)
 
 
-@jax.custom_vjp
-def conv_with_per_sample_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A dense 'same' convolution whose kernel gradient is summed over per-sample ones.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_with_explicit_gradients(x: jax.Array, kernel: jax.Array,
+                                 per_sample_kernel_grad: bool = False) -> jax.Array:
+  """A dense 'same' convolution (odd kernel size) whose gradients are written out as plain
+  NHWC convolutions, the one layout XLA:CPU runs with its fast (Eigen) kernels.
 
-  XLA:CPU computes a batch-4 kernel gradient of a 3x3 64->64 convolution at 240 px in ~400 ms,
-  four batch-1 ones in ~160 ms: the whole batch-4 training step at 240 px is ~20% faster.
+  XLA rewrites its own gradient convolutions into that layout only in the entry computation:
+  inside a loop body (the scan of gradient accumulation) they run on a naive kernel, 9x (input
+  gradient) and 55x (kernel gradient) slower at 64 px. With `per_sample_kernel_grad`, the
+  kernel gradient of a batch is the sum of per-sample ones: XLA:CPU computes a batch-4 kernel
+  gradient of a 3x3 64->64 convolution at 240 px in ~400 ms, four batch-1 ones in ~160 ms.
   """
+  del per_sample_kernel_grad  # a property of the gradient only
   return _convolution(x, kernel, groups=1)
 
 
-def _per_sample_forward(x, kernel):
-  return conv_with_per_sample_weight_grad(x, kernel), (x, kernel)
+def _explicit_forward(x, kernel, per_sample_kernel_grad):
+  return conv_with_explicit_gradients(x, kernel, per_sample_kernel_grad), (x, kernel)
 
 
-def _per_sample_backward(residuals, grad):
+def _explicit_backward(per_sample_kernel_grad, residuals, grad):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _convolution(x, kernel, groups=1), x)
-  sample_kernel_grads = [
-      jax.vjp(lambda w: _convolution(x[i:i + 1], w, groups=1), kernel)[1](grad[i:i + 1])[0]
-      for i in range(x.shape[0])]
-  return input_vjp(grad)[0], functools.reduce(jnp.add, sample_kernel_grads)
+  # The input gradient: the same convolution of the output gradient, the kernel flipped in
+  # space and its input and output channels swapped.
+  dx = _convolution(grad, kernel[::-1, ::-1].swapaxes(2, 3), groups=1)
+  if per_sample_kernel_grad:
+    dk = functools.reduce(jnp.add, [_kernel_gradient(x[i:i + 1], grad[i:i + 1], kernel.shape[0])
+                                    for i in range(x.shape[0])])
+  else:
+    dk = _kernel_gradient(x, grad, kernel.shape[0])
+  return dx, dk
 
 
-conv_with_per_sample_weight_grad.defvjp(_per_sample_forward, _per_sample_backward)
+def _kernel_gradient(x: jax.Array, grad: jax.Array, k: int) -> jax.Array:
+  """dK[a, b, i, o] = sum over n, h, w of x_padded[n, h + a, w + b, i] * grad[n, h, w, o]: a
+  convolution of x, channels as batch, by the output gradient, batch as input channels."""
+  p = k // 2
+  dk = jax.lax.conv_general_dilated(
+      x.transpose(3, 1, 2, 0), grad.transpose(1, 2, 0, 3), window_strides=(1, 1),
+      padding=((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return dk.transpose(1, 2, 0, 3)
+
+
+conv_with_explicit_gradients.defvjp(_explicit_forward, _explicit_backward)
 
 
 class Scale(nn.Module):

@@ -71,6 +71,9 @@ def test_quick_run_measures_both_frameworks_in_their_own_processes(tmp_path, cap
   torch_forward = summary['torch_flops_per_image']['flops_per_image']
   jax_forward = summary['utilisation']['infer tiny 16px batch 1']['gflop_per_image'] * 1e9
   assert torch_forward <= jax_forward <= 3 * torch_forward
+  # A training step is about three forward passes, micro-batched (a scan) or not.
+  jax_train = summary['utilisation']['train tiny 16px batch 2']['gflop_per_image'] * 1e9
+  assert 2 * jax_forward <= jax_train <= 4 * jax_forward
   assert '| train step, tiny 16px, batch 2 |' in report and 'JAX / PyTorch eager |' in report
   assert '| train step, tiny 16px, batch 2, bfloat16 |' in report
 
