@@ -24,6 +24,10 @@ def test_default_plan_measures_what_the_readme_table_shows():
       ('jax', 'matmul'), ('torch-tuned', 'matmul'), ('torch-tuned', 'flops')}
   assert all(s.group == 'main' for s in specs)
   assert {s.repeats for s in specs if s.model == 'paper' and s.batch > 1} == {2}
+  # JAX trains the paper model one image at a time (CPU), or whole (--whole-batch, GPUs).
+  assert {(s.framework, s.micro_batches) for s in specs if s.task == 'train'
+          and s.model == 'paper'} == {('jax', 4), ('torch', 1), ('torch-tuned', 1)}
+  assert {s.micro_batches for s in bench.plan(micro_batched=False)} == {1}
 
 
 def test_sweeps_cover_sizes_batches_and_devices():
