@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from absl import app, flags
 import ml_collections
 
 from fsmnet_jax import export, inference, reconstruct
@@ -21,6 +22,26 @@ from fsmnet_jax.data import DataError
 from fsmnet_jax.model import FSMNet
 
 USER_ERRORS = (CheckpointError, DataError, FileExistsError, ValueError)
+
+
+def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
+  """`absl.app.run(main)` for a console script whose flags and usage text are in
+  `module_name`: --help shows them, and exits 0 like argparse's.
+
+  absl takes both from `__main__`, here the console script's stub, and exits 1 after help.
+  """
+  stub = sys.modules['__main__']
+  stub.__doc__ = sys.modules[module_name].__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  help_asked = any(arg in ('-h', '-?', '--help', '--helpshort', '--helpfull')
+                   for arg in sys.argv[1:])
+  try:
+    app.run(main)
+  except SystemExit as e:
+    if help_asked and e.code == 1:
+      sys.exit(0)
+    raise
 
 
 def load_config_file(path: Path) -> ml_collections.ConfigDict:

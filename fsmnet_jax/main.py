@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from fsmnet_jax import train
 from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.cli import run_absl_app
 from fsmnet_jax.data import DataError
 from fsmnet_jax.reporting import quiet_orbax_logs
 
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  run_absl_app(main, __name__)
 
 
 if __name__ == '__main__':
