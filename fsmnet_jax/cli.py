@@ -37,11 +37,34 @@ def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
   help_asked = any(arg in ('-h', '-?', '--help', '--helpshort', '--helpfull')
                    for arg in sys.argv[1:])
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:
     if help_asked and e.code == 1:
       sys.exit(0)
     raise
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one line instead of a traceback for a --config file that does
+  not load and a --config.key=value that names no key (ml_collections raises those as
+  OSError and AttributeError; absl reports only its own errors)."""
+  try:
+    remaining = app.parse_flags_with_usage(argv)
+    if 'config' in flags.FLAGS:  # a config file that failed to load raises on first use
+      flags.FLAGS.config.to_dict()
+    return remaining
+  except OSError as e:
+    problem = f'--config: {str(e).strip().splitlines()[-1].strip()}'
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps its KeyError
+      e = e.args[0]
+    first, *hint = str(e.args[0] if e.args else e).splitlines()  # 'key' [Did you mean ...?]
+    key = first.strip('"\'\\ ')
+    given = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.') and key in arg]
+    problem = (f'{", ".join(given) or key}: no such config key '
+               f'({" ".join(hint).strip() or "see the configs/*.py file"})')
+  print(f'{Path(argv[0]).name}: error: {problem}', file=sys.stderr)
+  sys.exit(2)
 
 
 def load_config_file(path: Path) -> ml_collections.ConfigDict:
