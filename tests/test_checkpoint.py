@@ -62,6 +62,9 @@ def test_refuses_pickled_code(tmp_path):
     pickle.dump({'network': _RunsCode()}, f)
   with pytest.raises(CheckpointError, match=r'evil.pth: refused: .*weights_only=True'):
     load_state_dict(path)
+  torch.save({'network': _RunsCode()}, path)  # the zip format: torch names what it blocked
+  with pytest.raises(CheckpointError, match=r'evil.pth: refused: .*GLOBAL'):
+    load_state_dict(path)
 
 
 def test_bad_files_give_clear_errors(tmp_path, tiny_state_dict):
@@ -73,6 +76,11 @@ def test_bad_files_give_clear_errors(tmp_path, tiny_state_dict):
   truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
   with pytest.raises(CheckpointError, match='truncated.pth: not a readable PyTorch checkpoint'):
     load_state_dict(truncated)
+  noise = tmp_path / 'noise.pth'
+  noise.write_bytes(np.random.default_rng(0).bytes(300))
+  with pytest.raises(CheckpointError, match=r'noise.pth: not a readable PyTorch checkpoint '
+                                            r'\(neither .* zip format nor a pickle\)'):
+    load_state_dict(noise)
   not_a_dict = tmp_path / 'tensor.pth'
   torch.save(torch.zeros(3), not_a_dict)
   with pytest.raises(CheckpointError, match=r'tensor.pth: not a state_dict \(holds a Tensor\)'):

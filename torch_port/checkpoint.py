@@ -32,14 +32,27 @@ def load_state_dict(path: str | os.PathLike) -> 'collections.OrderedDict[str, to
     try:
       loaded = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+      if not _is_zip_or_pickle(path):
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (neither torch.save\'s '
+                              f'zip format nor a pickle): truncated or corrupt?') from e
+      # torch's message opens with advice to load unsafely; the line after says what stopped it.
+      reason = [line for line in str(e).splitlines() if line.strip()][1:2] or ['']
       raise CheckpointError(
           f'{path}: refused: it holds Python objects other than tensors, which could run code '
           f'when unpickled (loaded with weights_only=True). Re-save it as a plain state_dict. '
-          f'({str(e).splitlines()[0][:160]})') from e
+          f'({reason[0].strip()[:160]})') from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
       raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (truncated or corrupt?): '
                             f'{str(e).splitlines()[0][:200]}') from e
   return _state_dict_from(loaded, path)
+
+
+def _is_zip_or_pickle(path: Path) -> bool:
+  """torch.save writes a zip (b'PK'); older files are a bare pickle (protocol 2+ opens with
+  the PROTO opcode, b'\\x80')."""
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  return head == b'PK' or head[:1] == b'\x80'
 
 
 def _state_dict_from(loaded, path: Path) -> 'collections.OrderedDict[str, torch.Tensor]':
