@@ -108,6 +108,11 @@ def _timed(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
   return seconds
 
 
+def _matmul_result(seconds: list[float], size: int) -> dict:
+  return {'seconds': seconds, 'matmul_size': size,
+          'gflops_per_s': 2 * size**3 / min(seconds) / 1e9}
+
+
 def _inputs(spec: Spec):
   """(target_under, aux, target), NHWC float32, the same in every process."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -137,9 +142,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     size = MATMUL_SIZES['cpu' if jax.devices()[0].platform == 'cpu' else 'accelerator']
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(jnp.dot).lower(a, a).compile()
-    seconds = _timed(lambda: matmul(a, a).block_until_ready(), 2, 5)
-    return {'seconds': seconds, 'matmul_size': size,
-            'gflops_per_s': 2 * size**3 / min(seconds) / 1e9}
+    return _matmul_result(_timed(lambda: matmul(a, a).block_until_ready(), 2, 5), size)
 
   from configs import default  # pylint: disable=import-outside-toplevel
   from fsmnet_jax import train  # pylint: disable=import-outside-toplevel
@@ -207,9 +210,7 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
     def matmul():
       torch.mm(a, a)
       sync()
-    seconds = _timed(matmul, 2, 5)
-    return {'seconds': seconds, 'matmul_size': size,
-            'gflops_per_s': 2 * size**3 / min(seconds) / 1e9}
+    return _matmul_result(_timed(matmul, 2, 5), size)
 
   from fsmnet_jax.model import FSMNet  # pylint: disable=import-outside-toplevel
   from torch_port import TorchFSMNet  # pylint: disable=import-outside-toplevel
@@ -517,7 +518,7 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
   lines += ['', '| compile / first call, s | ' + ' | '.join(titles) + ' |',
             '|' + '---|' * (len(titles) + 1), *compile_lines]
   micro = sorted({(r['spec']['batch'], r['spec']['micro_batches']) for r in main
-                  if r['spec'].get('micro_batches', 1) > 1})
+                  if r['spec']['micro_batches'] > 1})
   for batch, count in micro:
     lines += ['', f'JAX trains batch {batch} as {count} micro-batches '
                   f'(config.train.grad_accum_steps={count}): the same gradient, accumulated.']

@@ -30,8 +30,7 @@ def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
 
   absl takes both from `__main__`, here the console script's stub, and exits 1 after help.
   """
-  stub = sys.modules['__main__']
-  stub.__doc__ = sys.modules[module_name].__doc__
+  sys.modules['__main__'].__doc__ = sys.modules[module_name].__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   help_asked = any(arg in ('-h', '-?', '--help', '--helpshort', '--helpfull')

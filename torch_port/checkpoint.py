@@ -36,11 +36,11 @@ def load_state_dict(path: str | os.PathLike) -> 'collections.OrderedDict[str, to
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (neither torch.save\'s '
                               f'zip format nor a pickle): truncated or corrupt?') from e
       # torch's message opens with advice to load unsafely; the line after says what stopped it.
-      reason = [line for line in str(e).splitlines() if line.strip()][1:2] or ['']
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       raise CheckpointError(
           f'{path}: refused: it holds Python objects other than tensors, which could run code '
           f'when unpickled (loaded with weights_only=True). Re-save it as a plain state_dict. '
-          f'({reason[0].strip()[:160]})') from e
+          f'({lines[1][:160] if len(lines) > 1 else ""})') from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
       raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (truncated or corrupt?): '
                             f'{str(e).splitlines()[0][:200]}') from e
