@@ -1,9 +1,12 @@
 """Orbax checkpoints: a model's variables on their own (converted or exported), and training runs."""
 
+import contextlib
 import logging
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grain.python as grain
 import jax
@@ -18,6 +21,10 @@ TRAIN_CHECKPOINT_DIR = 'checkpoints'  # in a training workdir
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read or does not hold what it should; names the file."""
+
+
+class CheckpointWriteError(OSError):
+  """A training checkpoint that could not be written (disk full, no permission, ...)."""
 
 
 def save_variables(variables: dict[str, Any], directory: str | os.PathLike,
@@ -37,12 +44,8 @@ def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
   directory = Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint folder')
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory.absolute())
-  except Exception as e:  # orbax raises many types for damaged folders
-    raise CheckpointError(f'{directory}: not a readable orbax checkpoint ({type(e).__name__}: '
-                          f'{str(e).splitlines()[0][:200]})') from e
+  with reading(directory, 'orbax checkpoint'), ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(directory.absolute())
   if not isinstance(restored, dict) or 'params' not in restored:
     raise CheckpointError(f'{directory}: holds no "params" tree')
   return {'params': _to_numpy(restored['params'])}
@@ -78,6 +81,8 @@ class TrainCheckpoints:
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.PyGrainCheckpointHandler()})
+    self._step_in_flight = None
+    drop_orbax_stragglers()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -88,8 +93,8 @@ class TrainCheckpoints:
     try:
       saved = self._manager.item_metadata(step)['state']
     except Exception as e:  # orbax raises many types for damaged folders
-      raise CheckpointError(f'{folder}: unreadable checkpoint metadata ({type(e).__name__}: '
-                            f'{str(e).splitlines()[0][:200]})') from e
+      raise CheckpointError(
+          f'{folder}: unreadable checkpoint metadata ({describe_error(e)})') from e
     mismatch = describe_mismatch(shapes_by_path(state), shapes_by_path(saved))
     if mismatch:
       raise CheckpointError(
@@ -101,22 +106,103 @@ class TrainCheckpoints:
     """Checkpoint `step` restored into `state`'s structure and shardings, and the iterator."""
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=grain.PyGrainCheckpointRestore(data_iterator)))
+    with reading(self.directory / str(step), 'training checkpoint'):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=grain.PyGrainCheckpointRestore(data_iterator)))
     return restored['state'], restored['data']
 
   def save(self, step: int, state: Any, data_iterator: Any,
            metrics: dict[str, float] | None = None) -> None:
-    """Starts an asynchronous save (returns once the arrays are copied off the devices)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iterator)),
-        metrics=metrics, force=True)
+    """Starts an asynchronous save (returns once the arrays are copied off the devices).
+
+    Raises CheckpointWriteError if this save, or the one before it, could not be written.
+    """
+    self._finish_save_in_flight()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iterator)),
+          metrics=metrics, force=True)
+    except Exception as e:  # an OSError, or whatever tensorstore raises for it
+      raise self._write_error(step, e) from e
+    self._step_in_flight = step
 
   def close(self) -> None:
     """Waits for a save in flight, then releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._finish_save_in_flight()
+    finally:
+      self._manager.close()
+
+  def _finish_save_in_flight(self) -> None:
+    step, self._step_in_flight = self._step_in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # an OSError, or whatever tensorstore raises for it
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+    # Complete saves are the folders named by their step; a failed one stays temporary.
+    complete = [int(p.name) for p in self.directory.glob('*') if p.name.isdigit()]
+    kept = (f'the latest complete checkpoint, step {max(complete)}, is intact' if complete
+            else 'no complete checkpoint was written yet')
+    # The failed save's other threads still log their share of the error: said once is enough.
+    logging.getLogger('absl').addFilter(lambda record: '/orbax/' not in record.pathname)
+    return CheckpointWriteError(
+        f'{self.directory}: could not write the checkpoint of step {step} '
+        f'({_os_reason(error)}); {kept}')
+
+
+def _os_reason(error: Exception) -> str:
+  """'[Errno 28] No space left on device' from an OSError or a tensorstore error (which says
+  os_error_code=28 at the end of a paragraph of paths); else the error's first line."""
+  code = getattr(error, 'errno', None)
+  if code is None:
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    code = found and int(found.group(1))
+  return f'[Errno {code}] {os.strerror(code)}' if code else describe_error(error)
+
+
+def describe_error(error: Exception) -> str:
+  """'Type: first line of the message' (orbax and tensorstore messages run to many lines)."""
+  lines = str(error).strip().splitlines()
+  if not lines:
+    return type(error).__name__
+  return f'{type(error).__name__}: {lines[0].split(" See full TensorStore details")[0][:200]}'
+
+
+@contextlib.contextmanager
+def reading(folder: Path, what: str) -> Iterator[None]:
+  """Turns a failed orbax read of `folder` into a CheckpointError naming it."""
+  drop_orbax_stragglers()
+  try:
+    yield
+  except Exception as e:  # orbax raises many types for damaged folders
+    raise CheckpointError(f'{folder}: not a readable {what} ({describe_error(e)})') from e
+
+
+def drop_orbax_stragglers() -> None:
+  """Keeps the aftermath of a failed orbax read or write off the console (for this process).
+
+  The reads and writes orbax had started still finish: their callbacks find its event loop
+  closed, and their coroutines are collected holding the error already reported. Python would
+  print each (hundreds) as 'Exception ignored' with a traceback.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_orbax_stragglers', False):
+    return
+
+  def hook(unraisable):
+    error, frames = unraisable.exc_value, unraisable.exc_traceback
+    straggler = isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
+    while frames is not None and not straggler:
+      straggler = '/orbax/' in frames.tb_frame.f_code.co_filename
+      frames = frames.tb_next
+    if not straggler:
+      previous(unraisable)
+
+  hook.drops_orbax_stragglers = True
+  sys.unraisablehook = hook
 
 
 def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
@@ -147,13 +233,10 @@ def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   absl_logger = logging.getLogger('absl')
   absl_logger.addFilter(_hide_missing_step_metadata)
   try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with reading(path.parent, 'training checkpoint'), ocp.PyTreeCheckpointer() as checkpointer:
       tree = checkpointer.metadata(path).item_metadata.tree
       args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-  except Exception as e:  # orbax raises many types for damaged folders
-    raise CheckpointError(f'{path.parent}: not a readable training checkpoint '
-                          f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from e
   finally:
     absl_logger.removeFilter(_hide_missing_step_metadata)
   if not isinstance(state, dict) or 'params' not in state:

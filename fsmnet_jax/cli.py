@@ -9,7 +9,9 @@ read off the weights.
 import argparse
 import importlib.util
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +23,43 @@ from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import DataError
 from fsmnet_jax.model import FSMNet
 
+# Exit status 2: the input or the settings are wrong. 1: a run stopped by its data or the
+# machine (non-finite training, a full disk). 130/143: interrupted by SIGINT/SIGTERM.
 USER_ERRORS = (CheckpointError, DataError, FileExistsError, ValueError)
+RUN_FAULTS = (FloatingPointError, OSError)
+
+
+class _Terminated(BaseException):
+  """SIGTERM, raised like KeyboardInterrupt so that `finally` blocks remove partial outputs."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
+def run_reporting_errors(program: str, command: Callable[[], int | None], debug: bool,
+                         user_errors: tuple[type, ...] = USER_ERRORS) -> int:
+  """`command()`'s exit status (None: 0). Expected errors become one line on stderr and a
+  status (see above); `debug` re-raises them with their traceback. SIGTERM unwinds like
+  Ctrl-C, so an output being written is removed rather than left half-written."""
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    return command() or 0
+  except (KeyboardInterrupt, _Terminated) as e:
+    name = 'SIGINT' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
+    print(f'{program}: stopped by {name}; outputs not finished were removed', file=sys.stderr)
+    return 130 if name == 'SIGINT' else 143
+  except user_errors + RUN_FAULTS as e:
+    if debug:
+      raise
+    print(f'{program}: error: {e}', file=sys.stderr)
+    return 2 if isinstance(e, user_errors) else 1
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
@@ -109,16 +147,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(name: str, parser: argparse.ArgumentParser, command: Callable[..., int],
                 argv: list[str] | None, user_errors: tuple[type, ...] = USER_ERRORS) -> int:
-  """Parses `argv` and runs `command(args)`; expected errors become one line on stderr and
-  exit status 2 (a traceback with --debug)."""
+  """Parses `argv` and runs `command(args)` through `run_reporting_errors`."""
   args = parser.parse_args(argv)
-  try:
-    return command(args)
-  except user_errors as e:
-    if args.debug:
-      raise
-    print(f'{name}: error: {e}', file=sys.stderr)
-    return 2
+  return run_reporting_errors(name, lambda: command(args), args.debug, user_errors)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:

@@ -17,12 +17,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fsmnet_jax import evaluate, inference
-from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.cli import run_absl_app
-from fsmnet_jax.data import DataError
+from fsmnet_jax.cli import run_absl_app, run_reporting_errors
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.reporting import quiet_orbax_logs
-from fsmnet_jax.train import ConfigError
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (the data and model '
                                 'settings of the run).', lock_config=True)
@@ -35,6 +32,7 @@ flags.DEFINE_bool('data_consistency', False, 'Also score FSMNet with the measure
                   'lines put back into its output.')
 flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output folder.')
+flags.DEFINE_bool('debug', False, 'Show tracebacks of errors, orbax\'s included.')
 flags.mark_flags_as_required(['config', 'checkpoint'])
 FLAGS = flags.FLAGS
 
@@ -51,17 +49,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   absl_logging.set_verbosity(absl_logging.INFO)
-  quiet_orbax_logs()
+  quiet_orbax_logs(show_tracebacks=FLAGS.debug)
   inference.enable_compilation_cache()
+  sys.exit(run_reporting_errors('fsmnet-eval', _evaluate, FLAGS.debug))
+
+
+def _evaluate() -> None:
   config, checkpoint = FLAGS.config, Path(FLAGS.checkpoint)
   out = Path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
-  try:
-    params, model = inference.load_params(checkpoint, FSMNet(**config.model))
-    report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
-                               FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
-  except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
-    print(f'fsmnet-eval: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  params, model = inference.load_params(checkpoint, FSMNet(**config.model))
+  report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
+                             FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
   print((out / 'table1.md').read_text())
   logging.info('%d subjects, %d slices: results in %s', report['num_subjects'],
                report['num_slices'], out)

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from fsmnet_jax import metrics
 from fsmnet_jax.data import kspace, pipeline, transforms
-from fsmnet_jax.files import write_atomically
+from fsmnet_jax.files import refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.reporting import ProgressBar
@@ -214,8 +214,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   """Evaluates `params` on `split` and writes the report files into `out_dir`; returns
   metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
   out_dir = Path(out_dir)
-  if out_dir.exists() and not overwrite:
-    raise FileExistsError(f'{out_dir}: already exists; pass --overwrite to replace it')
+  refuse_existing([out_dir], overwrite)
   scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data
   report = {

@@ -28,7 +28,7 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
 
 
-def _load_torch(path: Path) -> dict[str, Any]:
+def _load_torch(path: Path, model: FSMNet | None) -> dict[str, Any]:
   try:
     # pylint: disable-next=import-outside-toplevel
     from torch_port import checkpoint as torch_checkpoint, convert
@@ -37,7 +37,7 @@ def _load_torch(path: Path) -> dict[str, Any]:
                           f'pip install "fsmnet-jax[torch]" ({e})') from e
   state_dict = torch_checkpoint.load_state_dict(path)
   try:
-    return convert.torch_to_flax(state_dict)
+    return convert.torch_to_flax(state_dict, model)
   except convert.ConversionError as e:
     raise CheckpointError(f'{path}: {e}') from e
 
@@ -49,7 +49,7 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
   the one the parameters describe."""
   path = Path(checkpoint)
   if path.suffix in TORCH_SUFFIXES:
-    variables = _load_torch(path)
+    variables = _load_torch(path, model)
   elif not path.is_dir():
     raise CheckpointError(f'{path}: no such checkpoint: give a training workdir, a step folder '
                           f'of one, an exported variables folder or a {"/".join(TORCH_SUFFIXES)} '
@@ -64,6 +64,11 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
   else:
     variables = ckpt.load_variables(path)
   params = variables['params']
+  non_finite = [jax.tree_util.keystr(name) for name, value in
+                jax.tree_util.tree_leaves_with_path(params) if not np.isfinite(value).all()]
+  if non_finite:
+    raise CheckpointError(f'{path}: NaN/inf values in {len(non_finite)} parameter arrays, '
+                          f'{", ".join(non_finite[:3])}{" ..." if len(non_finite) > 3 else ""}')
   if model is None:
     try:
       return params, infer_model_from_params(params, use_spa_att)

@@ -17,9 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from fsmnet_jax import train
-from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.cli import run_absl_app
-from fsmnet_jax.data import DataError
+from fsmnet_jax.cli import run_absl_app, run_reporting_errors
 from fsmnet_jax.reporting import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -29,6 +27,7 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with 
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (multi-host).')
+flags.DEFINE_bool('debug', False, 'Show tracebacks of errors, orbax\'s included.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -53,13 +52,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   absl_logging.set_verbosity(absl_logging.INFO)
-  quiet_orbax_logs()
+  quiet_orbax_logs(show_tracebacks=FLAGS.debug)
   initialize_distributed()
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, DataError, CheckpointError, FileExistsError) as e:
-    print(f'fsmnet-train: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  sys.exit(run_reporting_errors('fsmnet-train', _train, FLAGS.debug))
+
+
+def _train() -> None:
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run() -> None:

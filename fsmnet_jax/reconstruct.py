@@ -18,7 +18,7 @@ import numpy as np
 from fsmnet_jax import metrics
 from fsmnet_jax.data import DataError, brats, fastmri, kspace
 from fsmnet_jax.data.pipeline import sampling_mask
-from fsmnet_jax.files import write_atomically
+from fsmnet_jax.files import refuse_existing, write_together
 from fsmnet_jax.inference import Reconstructor, data_consistency
 
 # fastMRI's (and the reference's) centre fractions for its accelerations.
@@ -62,12 +62,6 @@ def mask_path(out: Path) -> Path:
       name = name[:-len(suffix)]
       break
   return out.with_name(f'{name}_mask.npy')
-
-
-def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
-  existing = [str(p) for p in paths if p.exists()]
-  if existing and not overwrite:
-    raise FileExistsError(f'{", ".join(existing)}: already exists; pass --overwrite to replace')
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
@@ -119,7 +113,7 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   (NIfTI) on the T2 file's grid, with its affine and header."""
   if not out.name.endswith(NIFTI_SUFFIXES):
     raise DataError(f'{out}: a NIfTI input gives a NIfTI output; name it .nii or .nii.gz')
-  _refuse_existing([out, mask_path(out)], overwrite)
+  refuse_existing([out, mask_path(out)], overwrite)
   t1_file, t2_file = _load_nifti(t1_path), _load_nifti(t2_path)
   check_same_grid(t1_path, t1_file, t2_path, t2_file)
   t1_raw, t2_raw = brats.load_axial_slices(t1_path), brats.load_axial_slices(t2_path)
@@ -136,8 +130,8 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   header.set_data_dtype(np.float32)
   image = nib.Nifti1Image(volume.astype(np.float32), t2_file.affine, header)
   image.header.set_slope_inter(1.0, 0.0)
-  write_atomically(out, lambda tmp: nib.save(image, str(tmp)), overwrite)
-  write_atomically(mask_path(out), lambda tmp: np.save(tmp, mask), overwrite)
+  write_together({out: lambda tmp: nib.save(image, str(tmp)),
+                  mask_path(out): lambda tmp: np.save(tmp, mask)}, overwrite)
   return result
 
 
@@ -189,7 +183,7 @@ def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.Config
   `reconstruction` dataset (fastMRI's convention) or NIfTI."""
   if not out.name.endswith((*NIFTI_SUFFIXES, '.h5')):
     raise DataError(f'{out}: name the output .h5 (fastMRI format), .nii or .nii.gz')
-  _refuse_existing([out, mask_path(out)], overwrite)
+  refuse_existing([out, mask_path(out)], overwrite)
   values, file_mask = _read_kspace(kspace_path)
   reference, _ = _read_kspace(reference_path)
   if values.shape[0] != reference.shape[0]:
@@ -224,8 +218,7 @@ def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.Config
       # (slices, rows, cols) -> (cols, rows, slices) voxels; the knee files carry no world
       # geometry we rely on, so the affine is the identity (1 mm voxels).
       nib.save(nib.Nifti1Image(image.transpose(2, 1, 0).astype(np.float32), np.eye(4)), str(tmp))
-  write_atomically(out, write, overwrite)
-  write_atomically(mask_path(out), lambda tmp: np.save(tmp, mask), overwrite)
+  write_together({out: write, mask_path(out): lambda tmp: np.save(tmp, mask)}, overwrite)
   return result
 
 

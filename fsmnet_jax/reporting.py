@@ -32,7 +32,8 @@ class MetricWriter:
       return
     scalars = {name: float(value) for name, value in scalars.items()}
     for name, value in scalars.items():
-      self._tensorboard.add_scalar(name, value, step)
+      if math.isfinite(value):  # a skipped non-finite step shows as a gap in TensorBoard
+        self._tensorboard.add_scalar(name, value, step)
     # NaN/inf would make invalid JSON; they are written as strings.
     printable = {k: v if math.isfinite(v) else str(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': step, **printable}) + '\n')
@@ -55,9 +56,19 @@ def _not_orbax_chatter(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 
-def quiet_orbax_logs() -> None:
-  """Hides orbax's INFO lines (dozens per save or load); its warnings and errors still show."""
-  absl_logging.get_absl_handler().addFilter(_not_orbax_chatter)
+def _without_traceback(record: logging.LogRecord) -> bool:
+  if '/orbax/' in record.pathname:
+    record.exc_info, record.exc_text = None, None
+  return True
+
+
+def quiet_orbax_logs(show_tracebacks: bool = False) -> None:
+  """Hides orbax's INFO lines (dozens per save or load); its warnings and errors still show,
+  as one line each unless `show_tracebacks` (the caller reports the error itself)."""
+  handler = absl_logging.get_absl_handler()
+  handler.addFilter(_not_orbax_chatter)
+  if not show_tracebacks:
+    handler.addFilter(_without_traceback)
 
 
 class ProgressBar:

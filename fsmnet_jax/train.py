@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +34,18 @@ from fsmnet_jax.reporting import MetricWriter, ProgressBar
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SCHEDULE_DECAY = {'reference': 0.5, 'paper': 0.1, 'constant': 1.0}
+NONFINITE_POLICIES = ('stop', 'skip')
 TRAIN_KEYS = ('target_under', 'aux', 'target')
 BEST_METRIC = 'eval_psnr'
 
 
 class ConfigError(ValueError):
   """A configuration that cannot run; the message names the key."""
+
+
+class NonFiniteStepError(FloatingPointError):
+  """Training stopped at a step whose loss or gradients were not finite; the message names
+  the step and the slices of its batch."""
 
 
 class TrainState(train_state.TrainState):
@@ -79,10 +86,13 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if train.compute_dtype not in COMPUTE_DTYPES:
     problems.append(f'config.train.compute_dtype={train.compute_dtype!r}: use one of '
                     f'{", ".join(COMPUTE_DTYPES)}')
+  if train.on_nonfinite not in NONFINITE_POLICIES:
+    problems.append(f'config.train.on_nonfinite={train.on_nonfinite!r}: use one of '
+                    f'{", ".join(NONFINITE_POLICIES)}')
   if not 0 <= train.ema_decay < 1:
     problems.append(f'config.train.ema_decay={train.ema_decay} must be in [0, 1)')
   for key in ('train.num_steps', 'train.log_every', 'train.checkpoint_every', 'eval.every',
-              'train.keep_checkpoints'):
+              'train.keep_checkpoints', 'train.max_consecutive_skips'):
     section, name = key.split('.')
     if config[section][name] < 1:
       problems.append(f'config.{key}={config[section][name]} must be at least 1')
@@ -143,7 +153,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
                compute_dtype: jnp.dtype, ema_decay: float, schedule: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch: the reference loss, its gradient (accumulated over
-  `accum_steps` micro-batches), clipping and AdamW, and the EMA."""
+  `accum_steps` micro-batches), clipping and AdamW, and the EMA.
+
+  A step whose loss or gradient norm is not finite changes nothing but the step count (its
+  metrics say `finite` False), so a NaN never reaches the parameters, the optimizer state or a
+  checkpoint; the training loop decides whether to go on.
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params, micro_batch):
@@ -179,8 +194,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
   if ema_decay:
     new_state = new_state.replace(ema_params=jax.tree_util.tree_map(
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
-  step_metrics = {'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
-                  'learning_rate': schedule(state.step)}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A select, not lax.cond: no host round trip for the predicate on GPUs.
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                     new_state, state.replace(step=new_state.step))
+  step_metrics = {'loss': loss, **terms, 'grad_norm': grad_norm,
+                  'learning_rate': schedule(state.step), 'finite': finite}
   return new_state, step_metrics
 
 
@@ -262,6 +282,54 @@ def _global(local: Any, sharding: NamedSharding) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
+class _NonFiniteGuard:
+  """Applies `config.train.on_nonfinite` to steps whose update was dropped as non-finite.
+
+  Each step's flag is read once the next step is queued, so the host never waits on the step
+  in flight; `flush()` settles the last one (before anything is logged or saved).
+  'stop' raises NonFiniteStepError; 'skip' warns and goes on, and raises after more than
+  `max_consecutive` skips in a row (a diverged run, not a bad batch).
+  """
+
+  def __init__(self, policy: str, max_consecutive: int, source: Any, checkpoint_dir: Path):
+    self._policy, self._max_consecutive = policy, max_consecutive
+    self._source, self._checkpoint_dir = source, checkpoint_dir
+    self._pending, self._consecutive = None, 0
+
+  def watch(self, step: int, finite: jax.Array, batch: dict[str, np.ndarray]) -> None:
+    self.flush()
+    self._pending = (step, finite, batch)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, finite, batch = self._pending
+    self._pending = None
+    if bool(finite):
+      self._consecutive = 0
+      return
+    self._consecutive += 1
+    where = f'step {step} (this process\'s batch: {self._describe(batch)})'
+    if self._policy == 'stop' or self._consecutive > self._max_consecutive:
+      repeated = ('' if self._policy == 'stop' else
+                  f'{self._consecutive} steps in a row, the last ')
+      raise NonFiniteStepError(
+          f'non-finite loss or gradients {repeated}at {where}; stopped without saving it. '
+          f'The last checkpoint in {self._checkpoint_dir} is intact (config.train.on_nonfinite'
+          f'={self._policy!r}).')
+    logging.warning('non-finite loss or gradients at %s: update skipped', where)
+
+  def _describe(self, batch: dict[str, np.ndarray]) -> str:
+    slices_by_file = {}
+    for row, key in enumerate(batch['key']):
+      record = self._source.record(int(key))
+      bad = [k for k in TRAIN_KEYS if not np.isfinite(batch[k][row]).all()]
+      slices_by_file.setdefault(f'{record.subject}/{record.volume}', []).append(
+          f'{record.index}' + (f' (non-finite {"/".join(bad)})' if bad else ''))
+    return '; '.join(f'{file} slice {", ".join(slices)}'
+                     for file, slices in slices_by_file.items())
+
+
 class _StopRequest:
   """Remembers SIGTERM/SIGINT so the loop can finish its step, save and exit cleanly."""
 
@@ -289,6 +357,16 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _check_writable(workdir: Path) -> None:
+  """Fails before any compute if checkpoints cannot be written in `workdir`."""
+  try:
+    (workdir / TRAIN_CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=workdir / TRAIN_CHECKPOINT_DIR).close()
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir}: cannot write checkpoints there '
+                      f'({e.strerror or e})') from e
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: Path, start_step: int) -> None:
   """config.json at the first start; a resume with other settings adds config.step_N.json."""
   text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
@@ -305,10 +383,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = Path(workdir)
   mesh = make_mesh(config)
   check_config(config, mesh)
+  _check_writable(workdir)
   is_chief = jax.process_index() == 0
   model = FSMNet(**config.model)
+  train_source = pipeline.make_source(config, 'train')
   train_loader = pipeline.make_loader(config, 'train',
-                                      config.train.batch_size // jax.process_count())
+                                      config.train.batch_size // jax.process_count(),
+                                      source=train_source)
   state = create_train_state(config, model, mesh)
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   checkpoints = TrainCheckpoints(workdir / TRAIN_CHECKPOINT_DIR, config.train.keep_checkpoints,
@@ -331,23 +412,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, enabled=is_chief)
   progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False)
   stop = _StopRequest()
+  guard = _NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
+                          train_source, checkpoints.directory)
   eval_metrics, last_loss = {}, None
   try:
     for step in range(start_step + 1, config.train.num_steps + 1):
       local = next(train_batches)
       state, step_metrics = step_fn(state, _global({k: local[k] for k in TRAIN_KEYS},
                                                    batch_sharding))
+      guard.watch(step, step_metrics.pop('finite'), local)
       last_step = step == config.train.num_steps
       stopping = stop.requested()
       evaluate = step % config.eval.every == 0 or last_step
       save = step % config.train.checkpoint_every == 0 or evaluate or stopping
       if step % config.train.log_every == 0 or save:
+        guard.flush()
         scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
         last_loss = scalars['train_loss']
-        if not math.isfinite(last_loss):
-          raise FloatingPointError(
-              f'non-finite training loss at step {step}; stopped without saving. The last '
-              f'checkpoint in {checkpoints.directory} is intact.')
         writer.write(step, scalars)
         logging.info('step %d: %s', step,
                      ', '.join(f'{k} {v:.5g}' for k, v in sorted(scalars.items())))

@@ -1,11 +1,28 @@
-"""Bad input to the command-line tools: one line naming the problem, a non-zero exit code, no
-traceback."""
+"""Bad input to the command-line tools: one line naming the file and the problem, exit code 2,
+no traceback, and nothing the user had modified.
 
+fsmnet-reconstruct is driven in this process (its inputs cover NIfTI, fastMRI h5 and every
+checkpoint kind); fsmnet-train and fsmnet-eval, whose flags are absl's, in subprocesses.
+"""
+
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import jax
+import nibabel as nib
+import numpy as np
 import pytest
+
+from configs import tiny
+from fsmnet_jax import cli
+from fsmnet_jax.checkpoint import save_variables
+from fsmnet_jax.data.demo import make_demo_data
+from fsmnet_jax.model import FSMNet, init_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {'fsmnet-train': ['--workdir', 'unused_workdir'],
@@ -42,3 +59,227 @@ def test_unknown_config_key_is_one_line(command, tmp_path):
       f'{command}: error: --config.train.learning_rat: no such config key '
       f'(Did you mean "learning_rate" instead of "learning_rat"?)']
   assert not (tmp_path / 'unused_workdir').exists()
+
+
+# --- fsmnet-reconstruct: each case writes one bad input and names the argument(s) it goes to. ---
+
+
+@pytest.fixture(scope='module')
+def good_inputs(tmp_path_factory):
+  """Demo scans (one BraTS subject, one knee pair) and tiny weights, as files."""
+  root = tmp_path_factory.mktemp('inputs')
+  make_demo_data(root, seed=0, num_subjects=1, num_knee_pairs=1, image_size=32, num_slices=4)
+  subject = root / 'brats' / 'DemoBraTS_000'
+  model = FSMNet(**tiny.get_config().model)
+  weights = save_variables(init_variables(model, jax.random.key(1)), root / 'weights')
+  return {'t1': subject / 'DemoBraTS_000_t1.nii.gz', 't2': subject / 'DemoBraTS_000_t2.nii.gz',
+          'reference': root / 'fastmri' / 'file_demo0000.h5',
+          'kspace': root / 'fastmri' / 'file_demo0001.h5', 'checkpoint': weights}
+
+
+def _write(path, data: bytes):
+  path.write_bytes(data)
+  return path
+
+
+def _mkdir(path):
+  path.mkdir(parents=True)
+  return path
+
+
+def _h5_without_kspace(path):
+  with h5py.File(path, 'w') as f:
+    f['image'] = np.zeros((2, 8, 8), np.float32)
+  return path
+
+
+def _nifti(path, like, data):
+  nib.save(nib.Nifti1Image(data, nib.load(str(like)).affine), str(path))
+  return path
+
+
+def _voxels(path):
+  return np.asarray(nib.load(str(path)).dataobj).astype(np.float32)
+
+
+def _with_voxel(good, value):
+  data = _voxels(good['t2'])
+  data[5, 7, 1] = value
+  return data
+
+
+def _kspace_file(path, good, edit):
+  with h5py.File(good['kspace']) as f:
+    values = f['kspace'][()]
+  with h5py.File(path, 'w') as f:
+    f['kspace'] = edit(values)
+  return path
+
+
+def _truncated(path, source):
+  data = source.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  return path
+
+
+def _torch_file(path, good, edit=lambda state_dict: state_dict, **save_options):
+  torch = pytest.importorskip('torch')
+  from fsmnet_jax.checkpoint import load_variables  # pylint: disable=import-outside-toplevel
+  from torch_port.convert import flax_to_torch  # pylint: disable=import-outside-toplevel
+  state_dict = edit(flax_to_torch(load_variables(good['checkpoint'])))
+  if path.suffix == '.safetensors':
+    from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+    save_file(dict(state_dict), str(path))
+  else:
+    torch.save({'network': state_dict, **save_options}, path)
+  return path
+
+
+class _RunsCode:
+  """Unpickling this calls os.system: what weights_only=True must refuse."""
+
+  def __reduce__(self):
+    return os.system, ('echo unpickled code ran > /dev/null',)
+
+
+def _orbax_copy(path, good, damage):
+  shutil.copytree(good['checkpoint'], path)
+  damage(path)
+  return path
+
+
+def _remove_metadata(folder):
+  for metadata in folder.rglob('_METADATA'):
+    metadata.unlink()
+
+
+def _truncate_largest(folder):
+  largest = max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  _truncated(largest, largest)
+
+
+def _first_conv_key(state_dict):
+  return next(k for k, v in state_dict.items() if v.ndim == 4)
+
+
+def _nan_in_first_conv(state_dict):
+  key = _first_conv_key(state_dict)
+  state_dict[key][0, 0, 0, 0] = float('nan')
+  return state_dict
+
+
+RECONSTRUCT_CASES = {
+    # NIfTI: damaged files, wrong kinds, NaN/inf voxels, empty and tiny volumes, wrong dtypes.
+    'truncated nii.gz': ('t2', lambda d, g: _truncated(d / 't2.nii.gz', g['t2']),
+                         'not a readable NIfTI volume (EOFError'),
+    'random bytes nii.gz': ('t2', lambda d, g: _write(d / 't2.nii.gz', os.urandom(3000)),
+                            'not a readable NIfTI'),
+    'empty nii.gz': ('t1', lambda d, g: _write(d / 't1.nii.gz', b''), 'not a readable NIfTI'),
+    'h5 given as NIfTI': ('t2', lambda d, g: g['kspace'], 'not a readable NIfTI'),
+    'missing file': ('t1', lambda d, g: d / 'nowhere.nii.gz', 'no such file'),
+    'NaN voxel': ('t2', lambda d, g: _nifti(d / 't2.nii.gz', g['t2'], _with_voxel(g, np.nan)),
+                  '1 NaN/inf voxels'),
+    'inf voxel': ('t2', lambda d, g: _nifti(d / 't2.nii.gz', g['t2'], _with_voxel(g, np.inf)),
+                  '1 NaN/inf voxels'),
+    'zero-size volume': (('t1', 't2'), lambda d, g: _nifti(d / 't2.nii.gz', g['t2'],
+                                                   np.zeros((32, 32, 0), np.float32)),
+                         'holds no voxels (shape (32, 32, 0))'),
+    '1-pixel volume': (('t1', 't2'), lambda d, g: _nifti(d / 't2.nii.gz', g['t2'],
+                                                 np.ones((1, 1, 1), np.float32)),
+                       'slices of 1x1 voxels; the model needs at least 8x8'),
+    'complex voxels': ('t2', lambda d, g: _nifti(d / 't2.nii.gz', g['t2'],
+                                                 _voxels(g['t2']).astype(np.complex64)),
+                       'voxels of type complex64; expected a real-valued magnitude image'),
+    '4-D volume': ('t2', lambda d, g: _nifti(d / 't2.nii.gz', g['t2'],
+                                             np.ones((32, 32, 4, 3), np.float32)),
+                   'expected a 3-D volume, got shape (32, 32, 4, 3)'),
+    'all-zero volume': ('t2', lambda d, g: _nifti(d / 't2.nii.gz', g['t2'],
+                                                  np.zeros((32, 32, 4), np.float32)),
+                        'the volume is empty'),
+    'T1 on another grid': ('t1', lambda d, g: _nifti(d / 't1.nii.gz', g['t1'],
+                                                     np.ones((34, 32, 4), np.float32)),
+                           'T1 and T2 differ in size'),
+    # fastMRI h5.
+    'truncated h5': ('kspace', lambda d, g: _truncated(d / 'k.h5', g['kspace']),
+                     'not a readable fastMRI h5 file'),
+    'random bytes h5': ('reference', lambda d, g: _write(d / 'r.h5', os.urandom(4000)),
+                        'not a readable fastMRI h5 file'),
+    'h5 without kspace': ('kspace', lambda d, g: _h5_without_kspace(d / 'k.h5'),
+                          'not a readable fastMRI h5 file with "kspace"'),
+    'NaN k-space': ('kspace', lambda d, g: _kspace_file(
+        d / 'k.h5', g, lambda k: np.where(np.arange(k.size).reshape(k.shape) == 5, np.nan, k)
+        .astype(k.dtype)), '"kspace" holds NaN/inf samples'),
+    'real k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g,
+                                                          lambda k: np.abs(k).astype(np.int16)),
+                     '"kspace" must be complex (slices, rows, cols) single-coil data'),
+    '1-pixel k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g, lambda k: k[:, :1, :1]),
+                        "k-space of 1x1 is smaller than the model's image size 32"),
+    'reference of another volume': ('reference', lambda d, g: _kspace_file(d / 'r.h5', g,
+                                                                           lambda k: k[:-1]),
+                                    '4 vs 3 slices; give the reference scan of the same volume'),
+    # Checkpoints.
+    'truncated .pth': ('checkpoint', lambda d, g: _truncated(d / 'w.pth', _torch_file(
+        d / 'full.pth', g)), 'not a readable PyTorch checkpoint (truncated or corrupt?)'),
+    'random bytes .pth': ('checkpoint', lambda d, g: _write(d / 'w.pth', b'\x07' + os.urandom(999)),
+                          'not a readable PyTorch checkpoint'),
+    'empty .pth': ('checkpoint', lambda d, g: _write(d / 'w.pth', b''), 'empty file (0 bytes)'),
+    '.pth with pickled code': ('checkpoint', lambda d, g: _torch_file(d / 'w.pth', g,
+                                                                       optimizer=_RunsCode()),
+                               'refused: it holds Python objects other than tensors'),
+    '.pth of another model': ('checkpoint', lambda d, g: _torch_file(
+        d / 'w.pth', g, lambda sd: {k: v for k, v in sd.items() if k != _first_conv_key(sd)}),
+                              'state_dict does not match the model: missing 1'),
+    '.pth with a NaN weight': ('checkpoint', lambda d, g: _torch_file(d / 'w.pth', g,
+                                                                       _nan_in_first_conv),
+                               'NaN/inf values in 1 parameter arrays'),
+    'truncated .safetensors': ('checkpoint', lambda d, g: _truncated(
+        d / 'w.safetensors', _torch_file(d / 'full.safetensors', g)),
+                               'not a readable safetensors file'),
+    'orbax without _METADATA': ('checkpoint', lambda d, g: _orbax_copy(d / 'w', g,
+                                                                         _remove_metadata),
+                                'not a readable orbax checkpoint (FileNotFoundError'),
+    'orbax with a truncated array file': ('checkpoint', lambda d, g: _orbax_copy(
+        d / 'w', g, _truncate_largest), 'not a readable orbax checkpoint'),
+    'workdir without checkpoints': ('checkpoint', lambda d, g: _mkdir(d / 'run' / 'checkpoints')
+                                    .parent, 'no complete checkpoint yet'),
+}
+
+
+def _digests(*folders: Path) -> dict[str, str]:
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+          for folder in folders for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('case', sorted(RECONSTRUCT_CASES))
+def test_reconstruct_refuses_bad_input_in_one_line(case, good_inputs, tmp_path, capsys):
+  arguments, make_bad_input, problem = RECONSTRUCT_CASES[case]
+  arguments = (arguments,) if isinstance(arguments, str) else arguments
+  bad = make_bad_input(tmp_path, good_inputs)
+  inputs = {**good_inputs, **{argument: bad for argument in arguments}}
+  scans = ('t1', 't2') if arguments[0] in ('t1', 't2') else ('kspace', 'reference')
+  out = tmp_path / 'out' / ('recon.nii.gz' if scans[0] == 't1' else 'recon.h5')
+  before = _digests(tmp_path, good_inputs['checkpoint'].parent)
+  code = cli.reconstruct_main([
+      '--checkpoint', str(inputs['checkpoint']), '--config', str(ROOT / 'configs' / 'tiny.py'),
+      *(f'--{scan}={inputs[scan]}' for scan in scans), '--acceleration', '4', '--out', str(out)])
+  lines = _error_lines(capsys.readouterr().err)
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith('fsmnet-reconstruct: error: ') and problem in lines[0], lines[0]
+  assert str(bad) in lines[0] or str(bad.parent) in lines[0], lines[0]
+  assert _digests(tmp_path, good_inputs['checkpoint'].parent) == before
+  assert not out.parent.exists()
+
+
+def test_training_data_with_a_corrupt_volume_is_named(tmp_path):
+  root = tmp_path / 'data'
+  make_demo_data(root, seed=0, num_subjects=4, num_knee_pairs=0, image_size=32, num_slices=4)
+  bad = root / 'brats' / 'DemoBraTS_002' / 'DemoBraTS_002_t1.nii.gz'
+  _truncated(bad, bad)
+  before = _digests(root)
+  done = _run('fsmnet-train', '--config', str(ROOT / 'configs' / 'tiny.py'),
+              f'--config.data.root={root}', f'--config.data.cache_dir={tmp_path / "cache"}',
+              cwd=tmp_path)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert _error_lines(done.stderr)[-1].startswith(
+      f'fsmnet-train: error: {bad}: not a readable NIfTI volume (EOFError')
+  assert 'Traceback' not in done.stderr and _digests(root) == before

@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -139,3 +141,18 @@ def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, 
   again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
   assert again.returncode == 2 and 'already exists' in again.stderr
   assert 'Traceback' not in again.stderr
+
+  # SIGTERM while the replacement is being written: the old report stays whole.
+  before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+  process = subprocess.Popen([*command, '--overwrite'], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+  deadline = time.monotonic() + 300
+  while not list(tmp_path.glob('.partial-*')) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 143, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == (
+      'fsmnet-eval: stopped by SIGTERM; outputs not finished were removed')
+  assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pth', 'model_eval_test']

@@ -1,5 +1,7 @@
 """fsmnet-reconstruct: NIfTI in and out on the input's grid, fastMRI k-space in, h5 out."""
 
+import os
+import signal
 from pathlib import Path
 
 import h5py
@@ -63,7 +65,7 @@ def _reference_as_output(target_under, aux):
 
 @pytest.mark.parametrize('orientation', AFFINES)
 def test_to_file_layout_inverts_load_axial_slices(tmp_path, orientation):
-  data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+  data = np.random.default_rng(0).random((9, 10, 11)).astype(np.float32)
   path = _write_nifti(tmp_path / 'v.nii.gz', data, AFFINES[orientation], np.float32)
   slices = brats.load_axial_slices(path)
   np.testing.assert_array_equal(brats.to_file_layout(slices, AFFINES[orientation]), data)
@@ -73,8 +75,8 @@ def test_to_file_layout_inverts_load_axial_slices(tmp_path, orientation):
 def test_nifti_output_is_on_the_input_grid_with_its_header(tmp_path, data_config, orientation):
   rng = np.random.default_rng(1)
   affine = AFFINES[orientation]
-  t1 = _write_nifti(tmp_path / 't1.nii.gz', _volume(rng, (28, 30, 6)), affine)
-  t2 = _write_nifti(tmp_path / 't2.nii.gz', _volume(rng, (28, 30, 6)), affine)
+  t1 = _write_nifti(tmp_path / 't1.nii.gz', _volume(rng, (28, 30, 9)), affine)
+  t2 = _write_nifti(tmp_path / 't2.nii.gz', _volume(rng, (28, 30, 9)), affine)
   out = tmp_path / 'recon.nii.gz'
   result = reconstruct.reconstruct_nifti(_reference_as_output, data_config, t1, t2, out,
                                          acceleration=4, seed=3)
@@ -225,13 +227,19 @@ def test_kspace_input_errors(tmp_path, data_config, knee):
                                    tmp_path / 'o.png', 4, 0)
 
 
-def test_cli(tmp_path, capsys, knee):
+@pytest.fixture
+def cli_inputs(tmp_path):
+  """(--checkpoint and --config arguments of tiny weights, a T1 and a T2 NIfTI file)."""
   model = FSMNet(**tiny.get_config().model)
   checkpoint = save_variables(init_variables(model, jax.random.key(1)), tmp_path / 'weights')
   rng = np.random.default_rng(4)
   t1 = _write_nifti(tmp_path / 't1.nii.gz', _volume(rng, (32, 32, 3)), AFFINES['RAS'])
   t2 = _write_nifti(tmp_path / 't2.nii.gz', _volume(rng, (32, 32, 3)), AFFINES['RAS'])
-  common = ['--checkpoint', str(checkpoint), '--config', str(REPO / 'configs/tiny.py')]
+  return ['--checkpoint', str(checkpoint), '--config', str(REPO / 'configs/tiny.py')], t1, t2
+
+
+def test_cli(tmp_path, capsys, knee, cli_inputs):
+  common, t1, t2 = cli_inputs
   assert cli.reconstruct_main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration', '4',
                                '--out', str(tmp_path / 'recon.nii.gz')]) == 0
   printed = capsys.readouterr().out
@@ -250,3 +258,24 @@ def test_cli(tmp_path, capsys, knee):
   assert 'fsmnet-reconstruct: error: --t2 goes with --t1, --kspace with --reference' in errors
   assert 'recon.nii.gz' in errors and 'already exists' in errors
   assert 'Traceback' not in errors
+
+
+def test_sigterm_while_writing_keeps_the_old_outputs_whole(tmp_path, capsys, monkeypatch,
+                                                           cli_inputs):
+  common, t1, t2 = cli_inputs
+  out = tmp_path / 'out' / 'recon.nii.gz'
+  arguments = [*common, '--t1', str(t1), '--t2', str(t2), '--out', str(out)]
+  assert cli.reconstruct_main([*arguments, '--acceleration', '4']) == 0
+  before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+  assert sorted(before) == ['recon.nii.gz', 'recon_mask.npy']
+  save = np.save
+
+  def save_then_sigterm(path, array):  # the new image is written, the mask half-way
+    save(path, array)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(np, 'save', save_then_sigterm)
+  assert cli.reconstruct_main([*arguments, '--acceleration', '8', '--overwrite']) == 143
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      'fsmnet-reconstruct: stopped by SIGTERM; outputs not finished were removed')
+  assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from configs import default, tiny
 from fsmnet_jax import inference, train
+from fsmnet_jax.data.pipeline import SliceRecord
 from fsmnet_jax.model import FSMNet
 from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
                            saved_state, assert_bitwise_equal, logged_losses, relative_l2,
@@ -97,6 +99,8 @@ def test_two_processes_match_one_process(tmp_path, data_root, compile_cache, ini
     (['--config.train.no_such_key=1'], 1, 'no_such_key'),
     (['--config.train.batch_size=6'], 4, 'config.train.batch_size=6 must be a positive multiple'),
     (['--config.data.image_size=36'], 1, 'config.data.image_size=36 must be divisible by 8'),
+    (['--config.train.on_nonfinite=ignore'], 1,
+     "config.train.on_nonfinite='ignore': use one of stop, skip"),
 ])
 def test_bad_configs_fail_clearly_before_any_work(tmp_path, data_root, compile_cache, overrides,
                                                   devices, message):
@@ -106,10 +110,71 @@ def test_bad_configs_fail_clearly_before_any_work(tmp_path, data_root, compile_c
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+def test_a_workdir_that_cannot_be_written_fails_before_any_work(tmp_path, data_root,
+                                                               compile_cache):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  result = train_run(blocker / 'run', data_root, compile_cache, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'fsmnet-train: error: --workdir {blocker / "run"}: cannot write checkpoints there '
+      f'(Not a directory)')
+  assert blocker.read_text() == 'not a folder'
+
+
+def test_a_diverging_run_stops_naming_the_step_and_its_slices(tmp_path, data_root,
+                                                             compile_cache):
+  # A learning rate of 1e30 (unclipped) makes the parameters ~1e30 after step 1: the forward
+  # pass of step 2 overflows.
+  result = train_run(tmp_path, data_root, compile_cache, '--config.train.learning_rate=1e30',
+                     '--config.train.clip_norm=0', '--config.train.checkpoint_every=1',
+                     check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith("fsmnet-train: error: non-finite loss or gradients at step 2 "
+                              "(this process's batch: DemoBraTS_"), last_line
+  assert last_line.count('_t2.nii.gz slice') >= 1 and 'Traceback' not in result.stderr
+  assert last_line.endswith(f'stopped without saving it. The last checkpoint in '
+                            f'{tmp_path / "checkpoints"} is intact '
+                            f"(config.train.on_nonfinite='stop').")
+  assert saved_steps(tmp_path) == [1]
+  state = saved_state(tmp_path, 1)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state))
+
+
+class _Slices:
+  """A data source's `record` for the guard's messages."""
+
+  def record(self, key):
+    return SliceRecord(key, f'S{key // 10}_t2.nii.gz', key % 10, f'S{key // 10}')
+
+
+def test_skipping_non_finite_steps_names_them_and_stops_a_diverged_run(caplog):
+  guard = train._NonFiniteGuard('skip', 2, _Slices(), Path('/runs/a/checkpoints'))
+  batch = {k: np.zeros((3, 4, 4, 1), np.float32) for k in train.TRAIN_KEYS}
+  batch['aux'][1, 2, 2] = np.nan
+  batch['key'] = np.array([11, 12, 23])
+  with caplog.at_level('WARNING'):
+    guard.watch(1, np.bool_(False), batch)
+    assert not caplog.records  # read only once the next step is queued
+    guard.watch(2, np.bool_(True), batch)
+  assert caplog.messages == [
+      "non-finite loss or gradients at step 1 (this process's batch: S1/S1_t2.nii.gz slice 1, "
+      "2 (non-finite aux); S2/S2_t2.nii.gz slice 3): update skipped"]
+  for step in (3, 4):  # a finite step resets the count: two skips in a row are allowed
+    guard.watch(step, np.bool_(False), batch)
+  guard.flush()
+  guard.watch(5, np.bool_(False), batch)
+  with pytest.raises(train.NonFiniteStepError, match=(
+      r'^non-finite loss or gradients 3 steps in a row, the last at step 5 .*'
+      r"The last checkpoint in /runs/a/checkpoints is intact \(config.train.on_nonfinite='skip'\)")):
+    guard.flush()
+
+
 # The train step itself, in this process (one CPU device).
 
 
-def _one_step(**train_overrides):
+def _one_step(nan_pixel: bool = False, **train_overrides):
   """(state before, state after, metrics) of one jitted train step of the tiny model."""
   config = tiny.get_config()
   config.train.batch_size = 4
@@ -120,12 +185,23 @@ def _one_step(**train_overrides):
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
            for k in ('target_under', 'aux', 'target')}
+  if nan_pixel:
+    batch['aux'][2, 7, 9] = np.nan
   return (state, *step(state, batch))
 
 
 @pytest.fixture(scope='module')
 def plain_step():
   return _one_step()
+
+
+def test_a_non_finite_step_changes_nothing_but_the_step_count(plain_step):
+  _, _, plain_metrics = plain_step
+  before, after, metrics = _one_step(nan_pixel=True, ema_decay=0.9)
+  assert bool(plain_metrics['finite']) and not bool(metrics['finite'])
+  # Measured: the loss stays finite here (2.40); the gradient norm is NaN.
+  assert not np.isfinite(metrics['grad_norm']) and int(after.step) == 1
+  assert_bitwise_equal(after.replace(step=before.step), before)  # params, Adam, EMA, RNG
 
 
 def test_accumulated_gradients_and_ema(plain_step):

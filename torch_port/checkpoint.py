@@ -22,6 +22,8 @@ def load_state_dict(path: str | os.PathLike) -> 'collections.OrderedDict[str, to
   path = Path(path)
   if not path.is_file():
     raise CheckpointError(f'{path}: no such file')
+  if not path.stat().st_size:
+    raise CheckpointError(f'{path}: empty file (0 bytes)')
   if path.suffix == '.safetensors':
     import safetensors.torch  # pylint: disable=import-outside-toplevel
     try:
@@ -41,9 +43,10 @@ def load_state_dict(path: str | os.PathLike) -> 'collections.OrderedDict[str, to
           f'{path}: refused: it holds Python objects other than tensors, which could run code '
           f'when unpickled (loaded with weights_only=True). Re-save it as a plain state_dict. '
           f'({lines[1][:160] if len(lines) > 1 else ""})') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many types for damaged files
+      # torch's reasons run to paragraphs of advice; the first sentence says what failed.
       raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (truncated or corrupt?): '
-                            f'{str(e).splitlines()[0][:200]}') from e
+                            f'{str(e).splitlines()[0].split(". ")[0][:200]}') from e
   return _state_dict_from(loaded, path)
 
 

@@ -123,7 +123,10 @@ def _raise_if_mismatched(expected: Mapping[str, tuple], given: Mapping[str, tupl
 def torch_to_flax(state_dict: Mapping[str, torch.Tensor], model: FSMNet | None = None) -> dict:
   """Flax variables {'params': ...} for `FSMNet` from a reference-format state_dict."""
   model = model or infer_model(state_dict)
-  mapping = key_map(model)
+  try:
+    mapping = key_map(model)
+  except ValueError as e:  # keys missing make an inferred model that cannot exist
+    raise ConversionError(f'the state_dict describes no valid FSMNet: {e}') from e
   _raise_if_mismatched({k: v[2] for k, v in mapping.items()},
                        {k: tuple(v.shape) for k, v in state_dict.items()}, 'state_dict')
   params: dict = {}

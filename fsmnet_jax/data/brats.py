@@ -18,6 +18,8 @@ import numpy as np
 from fsmnet_jax.data import DataError
 from fsmnet_jax.files import write_atomically
 
+# Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
+MIN_SLICE_SIZE = 8
 CONTRAST_PATTERNS = {
     't1': re.compile(r'[_-](t1|t1n)\.nii(\.gz)?$', re.IGNORECASE),
     't2': re.compile(r'[_-](t2|t2w)\.nii(\.gz)?$', re.IGNORECASE),
@@ -57,15 +59,24 @@ def load_axial_slices(path: Path) -> np.ndarray:
   """(slices, rows, cols) float32: axial slices, rows anterior->posterior, cols right->left
   (radiological view), whatever the file's axis order and dtype."""
   try:
-    image = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    image = nib.load(str(path))
+    shape, dtype = image.shape, image.get_data_dtype()
+    if 0 not in shape and dtype.kind in 'biuf':
+      data = np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32)
   except Exception as e:  # nibabel raises many types for damaged files
     raise DataError(f'{path}: not a readable NIfTI volume ({type(e).__name__}: '
                     f'{str(e).splitlines()[0][:160] if str(e) else "truncated?"})') from e
+  if 0 in shape:
+    raise DataError(f'{path}: holds no voxels (shape {shape})')
+  if dtype.kind not in 'biuf':  # complex, RGB and other structured voxels
+    raise DataError(f'{path}: voxels of type {dtype}; expected a real-valued magnitude image')
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 3:
     raise DataError(f'{path}: expected a 3-D volume, got shape {data.shape}')
+  if min(data.shape[:2]) < MIN_SLICE_SIZE:
+    raise DataError(f'{path}: slices of {data.shape[0]}x{data.shape[1]} voxels; the model needs '
+                    f'at least {MIN_SLICE_SIZE}x{MIN_SLICE_SIZE}')
   if not np.isfinite(data).all():
     raise DataError(f'{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels')
   # RAS (x right, y anterior, z superior) -> (z, y reversed, x reversed).

@@ -14,6 +14,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 
+from fsmnet_jax.cli import run_command
 from fsmnet_jax.data import fastmri, kspace
 from fsmnet_jax.data.phantoms import head_phantom
 from fsmnet_jax.files import write_atomically
@@ -103,6 +104,14 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, num_subjects: int = 8,
   return out_dir
 
 
+def _make(args: argparse.Namespace) -> int:
+  out = make_demo_data(args.out_dir, args.seed, args.subjects, args.knee_pairs, args.image_size,
+                       args.slices)
+  print(f'wrote {args.subjects} BraTS-layout subjects to {out / "brats"} and '
+        f'{args.knee_pairs} fastMRI-format PD/PDFS pairs to {out / "fastmri"}')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='fsmnet-make-demo-data', description=__doc__)
   parser.add_argument('out_dir', type=Path, help='new (or empty) folder to write into')
@@ -111,16 +120,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--knee-pairs', type=int, default=4, help='fastMRI-format PD/PDFS pairs')
   parser.add_argument('--image-size', type=int, default=64, help='in-plane size of every volume')
   parser.add_argument('--slices', type=int, default=16, help='slices per volume')
-  args = parser.parse_args(argv)
-  try:
-    out = make_demo_data(args.out_dir, args.seed, args.subjects, args.knee_pairs,
-                         args.image_size, args.slices)
-  except FileExistsError as e:
-    print(f'fsmnet-make-demo-data: error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {args.subjects} BraTS-layout subjects to {out / "brats"} and '
-        f'{args.knee_pairs} fastMRI-format PD/PDFS pairs to {out / "fastmri"}')
-  return 0
+  parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+  return run_command('fsmnet-make-demo-data', parser, _make, argv)
 
 
 if __name__ == '__main__':
