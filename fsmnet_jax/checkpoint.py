@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fsmnet_jax.files import write_atomically
+from fsmnet_jax.reporting import hide_orbax_logs, passes_through_orbax
 
 
 TRAIN_CHECKPOINT_DIR = 'checkpoints'  # in a training workdir
@@ -146,8 +147,7 @@ class TrainCheckpoints:
     complete = [int(p.name) for p in self.directory.glob('*') if p.name.isdigit()]
     kept = (f'the latest complete checkpoint, step {max(complete)}, is intact' if complete
             else 'no complete checkpoint was written yet')
-    # The failed save's other threads still log their share of the error: said once is enough.
-    logging.getLogger('absl').addFilter(lambda record: '/orbax/' not in record.pathname)
+    hide_orbax_logs()
     return CheckpointWriteError(
         f'{self.directory}: could not write the checkpoint of step {step} '
         f'({_os_reason(error)}); {kept}')
@@ -178,6 +178,7 @@ def reading(folder: Path, what: str) -> Iterator[None]:
   try:
     yield
   except Exception as e:  # orbax raises many types for damaged folders
+    hide_orbax_logs()
     raise CheckpointError(f'{folder}: not a readable {what} ({describe_error(e)})') from e
 
 
@@ -193,12 +194,9 @@ def drop_orbax_stragglers() -> None:
     return
 
   def hook(unraisable):
-    error, frames = unraisable.exc_value, unraisable.exc_traceback
-    straggler = isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
-    while frames is not None and not straggler:
-      straggler = '/orbax/' in frames.tb_frame.f_code.co_filename
-      frames = frames.tb_next
-    if not straggler:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
+            or passes_through_orbax(unraisable.exc_traceback)):
       previous(unraisable)
 
   hook.drops_orbax_stragglers = True

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import TextIO
 
 from absl import logging as absl_logging
@@ -56,10 +57,34 @@ def _not_orbax_chatter(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 
+def passes_through_orbax(traceback: TracebackType | None) -> bool:
+  """Whether an exception's traceback runs through orbax's code."""
+  while traceback is not None:
+    if '/orbax/' in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  # asyncio logs orbax's unretrieved task errors as its own, with orbax in the traceback;
+  # `_without_traceback` may have taken that traceback off already, and says so.
+  return '/orbax/' in record.pathname or getattr(record, 'from_orbax', False) or bool(
+      record.exc_info and passes_through_orbax(record.exc_info[2]))
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
-  if '/orbax/' in record.pathname:
+  if _from_orbax(record):
+    record.from_orbax = True
     record.exc_info, record.exc_text = None, None
   return True
+
+
+def hide_orbax_logs() -> None:
+  """Drops orbax's log lines from here on: once a failed read or write is reported, its other
+  threads keep logging the same error, and asyncio each of its unretrieved futures."""
+  absl_logging.get_absl_handler().addFilter(
+      lambda record: not (_from_orbax(record) or record.name == 'asyncio'))
 
 
 def quiet_orbax_logs(show_tracebacks: bool = False) -> None:

@@ -107,6 +107,8 @@ def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, compil
       time.sleep(rng.uniform(0, 3))
     process.kill()
     assert process.wait() == -9, log.read_text()[-3000:]
+    if complete:  # this start resumed from the last complete checkpoint
+      assert f'checkpoints at step {complete[-1]}' in log.read_text(), log.read_text()[-3000:]
     cut_saves += any(not p.name.isdigit() for p in checkpoints.iterdir())
     for step in saved_steps(tmp_path):
       assert 'params' in saved_state(tmp_path, step), step
