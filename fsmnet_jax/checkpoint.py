@@ -45,7 +45,7 @@ def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
   directory = Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint folder')
-  with reading(directory, 'orbax checkpoint'), ocp.StandardCheckpointer() as checkpointer:
+  with _reading(directory, 'orbax checkpoint'), ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(directory.absolute())
   if not isinstance(restored, dict) or 'params' not in restored:
     raise CheckpointError(f'{directory}: holds no "params" tree')
@@ -83,7 +83,7 @@ class TrainCheckpoints:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.PyGrainCheckpointHandler()})
     self._step_in_flight = None
-    drop_orbax_stragglers()
+    _drop_orbax_stragglers()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -107,7 +107,7 @@ class TrainCheckpoints:
     """Checkpoint `step` restored into `state`'s structure and shardings, and the iterator."""
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    with reading(self.directory / str(step), 'training checkpoint'):
+    with _reading(self.directory / str(step), 'training checkpoint'):
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
           data=grain.PyGrainCheckpointRestore(data_iterator)))
@@ -137,12 +137,14 @@ class TrainCheckpoints:
 
   def _finish_save_in_flight(self) -> None:
     step, self._step_in_flight = self._step_in_flight, None
+    if step is None:  # none started, or its failure was reported already
+      return
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # an OSError, or whatever tensorstore raises for it
       raise self._write_error(step, e) from e
 
-  def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+  def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
     # Complete saves are the folders named by their step; a failed one stays temporary.
     complete = [int(p.name) for p in self.directory.glob('*') if p.name.isdigit()]
     kept = (f'the latest complete checkpoint, step {max(complete)}, is intact' if complete
@@ -172,9 +174,9 @@ def describe_error(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def reading(folder: Path, what: str) -> Iterator[None]:
+def _reading(folder: Path, what: str) -> Iterator[None]:
   """Turns a failed orbax read of `folder` into a CheckpointError naming it."""
-  drop_orbax_stragglers()
+  _drop_orbax_stragglers()
   try:
     yield
   except Exception as e:  # orbax raises many types for damaged folders
@@ -182,7 +184,7 @@ def reading(folder: Path, what: str) -> Iterator[None]:
     raise CheckpointError(f'{folder}: not a readable {what} ({describe_error(e)})') from e
 
 
-def drop_orbax_stragglers() -> None:
+def _drop_orbax_stragglers() -> None:
   """Keeps the aftermath of a failed orbax read or write off the console (for this process).
 
   The reads and writes orbax had started still finish: their callbacks find its event loop
@@ -231,7 +233,7 @@ def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   absl_logger = logging.getLogger('absl')
   absl_logger.addFilter(_hide_missing_step_metadata)
   try:
-    with reading(path.parent, 'training checkpoint'), ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading(path.parent, 'training checkpoint'), ocp.PyTreeCheckpointer() as checkpointer:
       tree = checkpointer.metadata(path).item_metadata.tree
       args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))

@@ -22,6 +22,7 @@ from fsmnet_jax import export, inference, reconstruct
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import DataError
 from fsmnet_jax.model import FSMNet
+from fsmnet_jax.reporting import hide_orbax_logs
 
 # Exit status 2: the input or the settings are wrong. 1: a run stopped by its data or the
 # machine (non-finite training, a full disk). 130/143: interrupted by SIGINT/SIGTERM.
@@ -50,11 +51,13 @@ def run_reporting_errors(program: str, command: Callable[[], int | None], debug:
     return command() or 0
   except (KeyboardInterrupt, _Terminated) as e:
     name = 'SIGINT' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
+    hide_orbax_logs()  # its threads' complaints as the process ends are not news
     print(f'{program}: stopped by {name}; outputs not finished were removed', file=sys.stderr)
     return 130 if name == 'SIGINT' else 143
   except user_errors + RUN_FAULTS as e:
     if debug:
       raise
+    hide_orbax_logs()
     print(f'{program}: error: {e}', file=sys.stderr)
     return 2 if isinstance(e, user_errors) else 1
   finally:

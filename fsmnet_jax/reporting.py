@@ -81,10 +81,14 @@ def _without_traceback(record: logging.LogRecord) -> bool:
 
 
 def hide_orbax_logs() -> None:
-  """Drops orbax's log lines from here on: once a failed read or write is reported, its other
-  threads keep logging the same error, and asyncio each of its unretrieved futures."""
-  absl_logging.get_absl_handler().addFilter(
-      lambda record: not (_from_orbax(record) or record.name == 'asyncio'))
+  """Drops orbax's log lines from here on: once an error is reported (a failed read or write,
+  bad input), its threads keep logging it or fail to start as the process ends, and asyncio
+  logs each of its unretrieved futures."""
+  absl_logging.get_absl_handler().addFilter(_not_orbax_aftermath)  # once: a set, in effect
+
+
+def _not_orbax_aftermath(record: logging.LogRecord) -> bool:
+  return not (_from_orbax(record) or record.name == 'asyncio')
 
 
 def quiet_orbax_logs(show_tracebacks: bool = False) -> None:
