@@ -9,7 +9,7 @@ follows the code (`--config.train.schedule=paper` for the paper's).
 
 import ml_collections
 
-from configs import default
+from fsmnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from configs import brats_4x
+from fsmnet_jax.configs import brats_4x
 
 
 def get_config() -> ml_collections.ConfigDict:

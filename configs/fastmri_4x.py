@@ -10,7 +10,7 @@ The pairs CSVs are the reference's (`data_split/` in qic999/FSMNet): PD file, PD
 
 import ml_collections
 
-from configs import default
+from fsmnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@
 
 import ml_collections
 
-from configs import fastmri_4x
+from fsmnet_jax.configs import fastmri_4x
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -4,7 +4,6 @@ import contextlib
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fsmnet_jax.files import write_atomically
-from fsmnet_jax.reporting import hide_orbax_logs, passes_through_orbax
+from fsmnet_jax.orbax_logs import (drop_orbax_stragglers, hide_missing_step_metadata,
+                                   hide_orbax_logs)
 
 
 TRAIN_CHECKPOINT_DIR = 'checkpoints'  # in a training workdir
@@ -83,7 +83,7 @@ class TrainCheckpoints:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.PyGrainCheckpointHandler()})
     self._step_in_flight = None
-    _drop_orbax_stragglers()
+    drop_orbax_stragglers()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -176,33 +176,12 @@ def describe_error(error: Exception) -> str:
 @contextlib.contextmanager
 def _reading(folder: Path, what: str) -> Iterator[None]:
   """Turns a failed orbax read of `folder` into a CheckpointError naming it."""
-  _drop_orbax_stragglers()
+  drop_orbax_stragglers()
   try:
     yield
   except Exception as e:  # orbax raises many types for damaged folders
     hide_orbax_logs()
     raise CheckpointError(f'{folder}: not a readable {what} ({describe_error(e)})') from e
-
-
-def _drop_orbax_stragglers() -> None:
-  """Keeps the aftermath of a failed orbax read or write off the console (for this process).
-
-  The reads and writes orbax had started still finish: their callbacks find its event loop
-  closed, and their coroutines are collected holding the error already reported. Python would
-  print each (hundreds) as 'Exception ignored' with a traceback.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, 'drops_orbax_stragglers', False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
-            or passes_through_orbax(unraisable.exc_traceback)):
-      previous(unraisable)
-
-  hook.drops_orbax_stragglers = True
-  sys.unraisablehook = hook
 
 
 def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
@@ -231,22 +210,17 @@ def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   the run kept one (training evaluates those), else the parameters."""
   path = (Path(step_folder) / 'state').absolute()
   absl_logger = logging.getLogger('absl')
-  absl_logger.addFilter(_hide_missing_step_metadata)
+  absl_logger.addFilter(hide_missing_step_metadata)
   try:
     with _reading(path.parent, 'training checkpoint'), ocp.PyTreeCheckpointer() as checkpointer:
       tree = checkpointer.metadata(path).item_metadata.tree
       args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
   finally:
-    absl_logger.removeFilter(_hide_missing_step_metadata)
+    absl_logger.removeFilter(hide_missing_step_metadata)
   if not isinstance(state, dict) or 'params' not in state:
     raise CheckpointError(f'{path.parent}: holds no "params" in its train state')
   return {'params': state.get('ema_params') or state['params']}
-
-
-def _hide_missing_step_metadata(record: logging.LogRecord) -> bool:
-  # The step's metadata sits one folder up from the item read on its own; orbax warns anyway.
-  return 'Metadata file does not exist' not in record.getMessage()
 
 
 def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:

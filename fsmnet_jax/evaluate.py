@@ -1,7 +1,8 @@
 """Evaluation on a data split: FSMNet next to zero-filling, in the paper's Table 1 form.
 
-`evaluate(config, params, model, out_dir)` scores every slice of the split, jitted and sharded
-over the local devices, and writes into `out_dir` (atomically: complete or absent):
+`SplitEvaluator` runs the one jitted `eval_step` over a split; training evaluates with it, and
+`evaluate(config, params, model, out_dir)` (fsmnet-eval) scores every slice with it, sharded over
+the local devices, and writes into `out_dir` (atomically: complete or absent):
   metrics.json      settings, counts, mean/std per method in both metric conventions
   table1.md         method x {PSNR, SSIM, NMSE} as mean ± std (Table 1 of the paper)
   slices.csv        subject, slice and every method's metrics, one row per slice
@@ -18,18 +19,17 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain.python as grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 # Figures are built and saved directly, without pyplot: no display or backend is needed.
 from matplotlib.figure import Figure
 
-from fsmnet_jax import metrics
+from fsmnet_jax import mesh as mesh_lib, metrics
 from fsmnet_jax.data import kspace, pipeline, transforms
 from fsmnet_jax.files import refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
@@ -43,9 +43,11 @@ ERROR_MAP_MAX = 0.1  # error-map colour scale: 0 .. 10% of the slice's ground-tr
 BATCH_KEYS = ('target_under', 'aux', 'target', 'mask', 'mean', 'std')
 
 
-def evaluate_batch(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
-                   with_data_consistency: bool) -> dict[str, Any]:
-  """Per-slice metrics (reference convention) of each method, and the images as intensities."""
+def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              with_data_consistency: bool = False, with_images: bool = False
+              ) -> dict[str, Any]:
+  """Per-slice metrics (reference convention) of each method; `with_images`, the images too,
+  as intensities."""
   outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
   intensity = lambda x: transforms.denormalize_images(x, batch['mean'], batch['std'])
   target = intensity(batch['target'])
@@ -55,8 +57,84 @@ def evaluate_batch(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callab
     # The target's own k-space holds the measured samples (exact for simulated undersampling).
     images['fsmnet_dc'] = data_consistency(images['fsmnet'], kspace.fft2c_jnp(target),
                                            batch['mask'])
-  return {'metrics': {m: metrics.reference_metrics(target, x) for m, x in images.items()},
-          'images': {**images, 'target': target, 'aux': batch['aux'][..., 0]}}
+  result = {'metrics': {m: metrics.reference_metrics(target, x) for m, x in images.items()}}
+  if with_images:
+    result['images'] = {**images, 'target': target, 'aux': batch['aux'][..., 0]}
+  return result
+
+
+class SplitEvaluator:
+  """Scores every slice of a split with one jitted `eval_step`, its batches split over the
+  `data` axis of `mesh`: training evaluates on the global mesh, fsmnet-eval on this machine's.
+
+  Each process of the mesh reads its own share of the slices; all take part in every step
+  (a process out of slices pads with zero rows), and every process gets the scores of all rows.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
+               split: str = 'test', *, with_data_consistency: bool = False,
+               with_images: bool = False, max_batches: int = 0):
+    self.source = pipeline.make_source(config, split)
+    processes = mesh_lib.process_count(mesh)
+    data_size = mesh.shape['data']
+    global_batch = math.ceil(config.eval.batch_size / data_size) * data_size
+    self.batch_size = global_batch // processes  # rows of this process in each step
+    self._image_size = config.data.image_size
+    shard_options = (grain.ShardByJaxProcess() if processes > 1 else grain.NoSharding())
+    self._loader = pipeline.make_loader(config, split, self.batch_size, num_epochs=1,
+                                        shuffle=False, shard_options=shard_options,
+                                        source=self.source)
+    self._num_batches = math.ceil(math.ceil(len(self.source) / processes) / self.batch_size)
+    if max_batches:
+      self._num_batches = min(self._num_batches, max_batches)
+    self._first_row = sorted({d.process_index for d in mesh.devices.flat}).index(
+        jax.process_index()) * self.batch_size
+    self._rows = mesh_lib.rows(mesh)
+    step = functools.partial(eval_step, apply_fn=apply_fn,
+                             with_data_consistency=with_data_consistency, with_images=with_images)
+    # Every process gets every row's scores (a few floats per slice): global means need them.
+    self._step = jax.jit(lambda params, batch: (step(params, batch), batch['valid']),
+                         in_shardings=(mesh_lib.replicated(mesh), self._rows),
+                         out_shardings=mesh_lib.replicated(mesh))
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    """Mean `eval_`-prefixed metrics of FSMNet and zero-filling over the split (or its first
+    `max_batches` batches), the same on every process."""
+    sums, count = {}, 0
+    for _, result, valid in self._batches(params):
+      count += int(valid.sum())
+      for method, prefix in (('fsmnet', ''), ('zero_filled', 'zero_filled_')):
+        for name, values in result['metrics'][method].items():
+          sums[prefix + name] = sums.get(prefix + name, 0.0) + float(
+              np.sum(values[valid], dtype=np.float64))
+    return {f'eval_{name}': value / count for name, value in sums.items()}
+
+  def slices(self, params: Any) -> Iterator[tuple[int, dict[str, dict[str, float]],
+                                                  dict[str, np.ndarray]]]:
+    """(record key, {method: {metric: value}}, images by name or {}) of each of this
+    process's slices, in record order."""
+    for keys, result, _ in self._batches(params):
+      for row, key in enumerate(keys, start=self._first_row):
+        yield (key, {m: {k: float(v[row]) for k, v in by_metric.items()}
+                     for m, by_metric in result['metrics'].items()},
+               {name: image[row] for name, image in result.get('images', {}).items()})
+
+  def _batches(self, params: Any) -> Iterator[tuple[list[int], dict[str, Any], np.ndarray]]:
+    """(this process's record keys, the step's result for all rows, which rows are real)."""
+    batches = iter(self._loader)
+    for _ in range(self._num_batches):
+      local = next(batches, None)
+      keys = [] if local is None else [int(k) for k in local['key']]
+      padded = {k: pad_rows(local[k] if local else self._no_rows(k), self.batch_size)
+                for k in BATCH_KEYS}
+      padded['valid'] = np.arange(self.batch_size) < len(keys)
+      result, valid = jax.device_get(self._step(params, mesh_lib.global_batch(padded,
+                                                                              self._rows)))
+      yield keys, result, valid
+
+  def _no_rows(self, key: str) -> np.ndarray:
+    shape = {'mean': (0,), 'std': (0,), 'mask': (0, self._image_size, self._image_size)}
+    return np.zeros(shape.get(key, (0, self._image_size, self._image_size, 1)), np.float32)
 
 
 def _volume_scores(images: dict[str, list[np.ndarray]], ssim_fn: Callable, batch: int
@@ -159,20 +237,14 @@ class SplitScores:
 
 def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, split: str,
                 with_data_consistency: bool, num_panels: int) -> SplitScores:
-  """Scores every slice of `split` (in record order, so volume by volume), sharded over the
-  local devices; keeps the images of `num_panels` evenly spaced slices."""
-  devices = jax.local_devices()
-  mesh = Mesh(np.array(devices), ('data',))
-  batch_size = math.ceil(config.eval.batch_size / len(devices)) * len(devices)
-  source = pipeline.make_source(config, split)
-  loader = pipeline.make_loader(config, split, batch_size, num_epochs=1, shuffle=False,
-                                shard_options=grain.NoSharding(), source=source)
-  rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(evaluate_batch, apply_fn=model.apply,
-                                   with_data_consistency=with_data_consistency),
-                 in_shardings=(replicated, rows), out_shardings=rows)
+  """Scores every slice of `split` (in record order, so volume by volume), sharded over this
+  machine's devices; keeps the images of `num_panels` evenly spaced slices."""
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  evaluator = SplitEvaluator(config, mesh, model.apply, split,
+                             with_data_consistency=with_data_consistency, with_images=True)
+  source = evaluator.source
   ssim_fn = jax.jit(metrics.ssim)
-  params = jax.device_put(params, replicated)
+  params = jax.device_put(params, mesh_lib.replicated(mesh))
   scores = SplitScores([m for m in METHOD_NAMES if m != 'fsmnet_dc' or with_data_consistency])
   panel_keys = set(np.linspace(0, len(source) - 1, min(num_panels, len(source))).round()
                    .astype(int).tolist()) if num_panels else set()
@@ -180,28 +252,23 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
 
   def finish_volume():
     if volume['subject'] is not None:
-      by_method = _volume_scores(volume['images'], ssim_fn, batch_size)
+      by_method = _volume_scores(volume['images'], ssim_fn, evaluator.batch_size)
       scores.volumes.append({'subject': volume['subject'],
                              'slices': len(volume['images']['target']),
                              **{f'{m}_{k}': v for m, s in by_method.items() for k, v in s.items()}})
 
   progress = ProgressBar(len(source), unit='slice')
-  for batch in loader:
-    padded = {k: pad_rows(batch[k], batch_size) for k in BATCH_KEYS}
-    result = jax.device_get(step(params, jax.device_put(padded, rows)))
-    for row, key in enumerate(batch['key']):
-      record = source.record(int(key))
-      if record.subject != volume['subject']:
-        finish_volume()
-        volume.update(subject=record.subject, images={})
-      images = {k: v[row] for k, v in result['images'].items()}
-      for name, image in images.items():
-        volume['images'].setdefault(name, []).append(image)
-      slice_scores = {f'{m}_{k}': float(result['metrics'][m][k][row]) for m in scores.methods
-                      for k in METRICS}
-      scores.slices.append({'subject': record.subject, 'slice': record.index, **slice_scores})
-      if record.key in panel_keys:
-        scores.panels.append((record, images, slice_scores))
+  for key, slice_metrics, images in evaluator.slices(params):
+    record = source.record(key)
+    if record.subject != volume['subject']:
+      finish_volume()
+      volume.update(subject=record.subject, images={})
+    for name, image in images.items():
+      volume['images'].setdefault(name, []).append(image)
+    slice_scores = {f'{m}_{k}': slice_metrics[m][k] for m in scores.methods for k in METRICS}
+    scores.slices.append({'subject': record.subject, 'slice': record.index, **slice_scores})
+    if record.key in panel_keys:
+      scores.panels.append((record, images, slice_scores))
     progress.update(len(scores.slices))
   finish_volume()
   progress.close()

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.inference import reconstruct_slices
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet
@@ -39,16 +38,3 @@ def save_exported(exported: export.Exported, path: str | os.PathLike,
                   overwrite: bool = False) -> Path:
   """Writes the serialized artifact (refused if `path` exists, unless `overwrite`)."""
   return write_atomically(path, lambda tmp: tmp.write_bytes(exported.serialize()), overwrite)
-
-
-def load_exported(path: str | os.PathLike) -> export.Exported:
-  """Reads an artifact written by `save_exported`; call it with `.call(under, aux)`."""
-  path = Path(path)
-  if not path.is_file():
-    raise CheckpointError(f'{path}: no such exported model file')
-  try:
-    return export.deserialize(bytearray(path.read_bytes()))
-  except Exception as e:  # flatbuffers and jax raise many types for damaged bytes
-    raise CheckpointError(f'{path}: not a jax.export artifact ({type(e).__name__}: '
-                          f'{str(e).splitlines()[0][:160] if str(e) else "corrupt"})') from e
-

@@ -1,4 +1,4 @@
-"""Writing outputs without ever leaving a half-written file or losing an existing one."""
+"""Writing outputs without ever leaving a half-written file or losing an existing one; the cache folder."""
 
 import os
 import shutil
@@ -6,6 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 Writer = Callable[[Path], None]
+
+
+def default_cache_dir() -> Path:
+  """$XDG_CACHE_HOME/fsmnet-jax (~/.cache/fsmnet-jax): decoded volumes and compiled programs,
+  never inside a data folder."""
+  return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'fsmnet-jax'
 
 
 def write_atomically(path: str | os.PathLike, write: Writer, overwrite: bool = False) -> Path:

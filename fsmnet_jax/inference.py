@@ -1,8 +1,8 @@
 """Inference: trained weights from any checkpoint, and FSMNet as a jitted function of raw slices.
 
-`load_params` reads what users have: a training workdir (its latest step), one step folder of
-it, a `save_variables` folder, or a reference PyTorch `.pth`/`.pt`/`.safetensors` converted on
-the fly (needs the `torch` extra). `Reconstructor` runs FSMNet on zero-filled and reference
+`load_params` reads what training and export write: a training workdir (its latest step), one
+step folder of it, a `save_variables` folder (reference PyTorch `.pth`/`.pt`/`.safetensors`:
+`torch_port.checkpoint.load_params`). `Reconstructor` runs FSMNet on zero-filled and reference
 slices in their own intensities, batched and sharded over the local devices, compiled once per
 batch shape. `data_consistency` puts measured k-space samples back into a reconstruction.
 """
@@ -16,45 +16,30 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fsmnet_jax import checkpoint as ckpt
+from fsmnet_jax import checkpoint as ckpt, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.files import default_cache_dir
 from fsmnet_jax.data import kspace, transforms
-from fsmnet_jax.data.brats import default_cache_dir
 from fsmnet_jax.model import FSMNet, infer_model_from_params, init_variables
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
 
 
-def _load_torch(path: Path, model: FSMNet | None) -> dict[str, Any]:
-  try:
-    # pylint: disable-next=import-outside-toplevel
-    from torch_port import checkpoint as torch_checkpoint, convert
-  except ImportError as e:
-    raise CheckpointError(f'{path}: reading PyTorch checkpoints needs torch; install the extra: '
-                          f'pip install "fsmnet-jax[torch]" ({e})') from e
-  state_dict = torch_checkpoint.load_state_dict(path)
-  try:
-    return convert.torch_to_flax(state_dict, model)
-  except convert.ConversionError as e:
-    raise CheckpointError(f'{path}: {e}') from e
-
-
 def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
                 use_spa_att: bool = False) -> tuple[dict[str, Any], FSMNet]:
-  """(params as numpy, model) from any checkpoint kind. With `model`, the parameters must fit
-  it (else a CheckpointError names the checkpoint and the differences); without, the model is
-  the one the parameters describe."""
+  """(params as numpy, model) from a training workdir, a step folder or a variables folder;
+  see `check_params` for `model`. (PyTorch files: `torch_port.checkpoint.load_params`.)"""
   path = Path(checkpoint)
   if path.suffix in TORCH_SUFFIXES:
-    variables = _load_torch(path, model)
-  elif not path.is_dir():
+    raise CheckpointError(f'{path}: a PyTorch checkpoint; read it with '
+                          f'torch_port.checkpoint.load_params (the fsmnet-* commands do)')
+  if not path.is_dir():
     raise CheckpointError(f'{path}: no such checkpoint: give a training workdir, a step folder '
                           f'of one, an exported variables folder or a {"/".join(TORCH_SUFFIXES)} '
                           f'file')
-  elif (path / ckpt.TRAIN_CHECKPOINT_DIR).is_dir():
+  if (path / ckpt.TRAIN_CHECKPOINT_DIR).is_dir():
     step = ckpt.latest_train_step(path)
     if step is None:
       raise CheckpointError(f'{path / ckpt.TRAIN_CHECKPOINT_DIR}: no complete checkpoint yet')
@@ -63,7 +48,14 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
     variables = ckpt.load_train_params(path)
   else:
     variables = ckpt.load_variables(path)
-  params = variables['params']
+  return check_params(path, variables['params'], model, use_spa_att)
+
+
+def check_params(path: Path, params: dict[str, Any], model: FSMNet | None = None,
+                 use_spa_att: bool = False) -> tuple[dict[str, Any], FSMNet]:
+  """(params, model) once `params`, read from `path`, are finite and fit `model` (else a
+  CheckpointError names `path` and the differences); without `model`, the model is the one
+  the parameters describe."""
   non_finite = [jax.tree_util.keystr(name) for name, value in
                 jax.tree_util.tree_leaves_with_path(params) if not np.isfinite(value).all()]
   if non_finite:
@@ -96,15 +88,10 @@ def run_config_file(checkpoint: str | os.PathLike) -> Path | None:
 def reconstruct_slices(params: Any, target_under: jax.Array, aux: jax.Array, *,
                        apply_fn: Callable) -> jax.Array:
   """FSMNet on (B, H, W) zero-filled target and reference intensities -> (B, H, W) target
-  intensities; each slice normalised as in training (`transforms.normalize_example`)."""
-  stats = lambda x: (jnp.mean(x, axis=(1, 2), keepdims=True),
-                     jnp.std(x, axis=(1, 2), keepdims=True))
-  mean, std = stats(target_under)
-  aux_mean, aux_std = stats(aux)
-  model_input = lambda x: jnp.clip(x, -transforms.CLIP, transforms.CLIP)[..., None]
-  outputs = apply_fn({'params': params},
-                     model_input(transforms.normalize(target_under, mean, std)),
-                     model_input(transforms.normalize(aux, aux_mean, aux_std)))
+  intensities; each slice normalised as in training (`transforms.normalize_slices`)."""
+  model_under, mean, std = transforms.normalize_slices(target_under)
+  model_aux, _, _ = transforms.normalize_slices(aux)
+  outputs = apply_fn({'params': params}, model_under, model_aux)
   return transforms.denormalize(outputs['img_out'][..., 0], mean, std)
 
 
@@ -129,11 +116,11 @@ class Reconstructor:
   last one padded, so one compiled function serves every volume of a given slice size."""
 
   def __init__(self, model: FSMNet, params: Any, batch_size: int = 8):
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ('data',))
-    self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
-    self._rows = NamedSharding(mesh, P('data'))
-    replicated = NamedSharding(mesh, P())
+    mesh = mesh_lib.make_mesh(jax.local_devices())
+    data_size = mesh.shape['data']
+    self.batch_size = math.ceil(batch_size / data_size) * data_size
+    self._rows = mesh_lib.rows(mesh)
+    replicated = mesh_lib.replicated(mesh)
     self._params = jax.device_put(params, replicated)
     self._apply = jax.jit(functools.partial(reconstruct_slices, apply_fn=model.apply),
                           in_shardings=(replicated, self._rows, self._rows),

@@ -6,7 +6,6 @@ Outputs are written atomically (complete or absent) and never replace an existin
 """
 
 import dataclasses
-import os
 from pathlib import Path
 
 import h5py
@@ -16,8 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from fsmnet_jax import metrics
-from fsmnet_jax.data import DataError, brats, fastmri, kspace
-from fsmnet_jax.data.pipeline import sampling_mask
+from fsmnet_jax.data import DataError, brats, kspace, transforms
+from fsmnet_jax.data.masks import sampling_mask
 from fsmnet_jax.files import refuse_existing, write_together
 from fsmnet_jax.inference import Reconstructor, data_consistency
 
@@ -119,12 +118,12 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   t1_raw, t2_raw = brats.load_axial_slices(t1_path), brats.load_axial_slices(t2_path)
   size, percentile = data.image_size, data.percentile
   scale = brats.intensity_scale(t2_raw, percentile, t2_path)
-  t1 = brats.fit_to_size(brats.robust_scale(t1_raw, percentile, t1_path), size)
-  t2 = brats.fit_to_size(np.clip(t2_raw / scale, 0, 1).astype(np.float32), size)
+  t1 = transforms.fit_to_size(brats.robust_scale(t1_raw, percentile, t1_path), size)
+  t2 = transforms.fit_to_size(np.clip(t2_raw / scale, 0, 1).astype(np.float32), size)
   mask = sampling_mask(mask_config(data, acceleration), (size, size), seed).astype(np.float32)
   result = simulate(reconstructor, t2, t1, mask, with_data_consistency)
   # Back to the file's grid and intensities; what lies outside the model's field is zero.
-  volume = brats.to_file_layout(brats.fit_to_size(result.image, t2_raw.shape[1:]) * scale,
+  volume = brats.to_file_layout(transforms.fit_to_size(result.image, t2_raw.shape[1:]) * scale,
                                 t2_file.affine)
   header = t2_file.header.copy()
   header.set_data_dtype(np.float32)
@@ -196,13 +195,13 @@ def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.Config
                       f'than the model\'s image size {size} (config.data.image_size)')
   mask, simulated = measured_mask(kspace_path, values, file_mask, data, acceleration, seed)
   measured = values * mask
-  zero_filled = fastmri.image_from_kspace(measured, size)
-  image = reconstructor(zero_filled, fastmri.image_from_kspace(reference, size))
+  zero_filled = kspace.zero_filled(measured, size=size)
+  image = reconstructor(zero_filled, kspace.zero_filled(reference, size=size))
   if with_data_consistency:
     image = _full_grid_consistency(image, measured, mask)
   psnr = {}
   if simulated:
-    target = fastmri.image_from_kspace(values, size)
+    target = kspace.zero_filled(values, size=size)
     psnr = {name: float(metrics.volume_psnr(target, x))
             for name, x in (('zero_filled', zero_filled), ('fsmnet', image))}
   result = Reconstruction(image, zero_filled, mask, psnr)
@@ -234,4 +233,4 @@ def _full_grid_consistency(image: np.ndarray, measured: np.ndarray, mask: np.nda
   magnitude[:, top:top + image.shape[1], left:left + image.shape[2]] = image
   consistent = _data_consistency(magnitude, measured.astype(np.complex64), mask,
                                   np.angle(zero_filled).astype(np.float32))
-  return fastmri.center_crop(np.asarray(consistent), image.shape[1])
+  return transforms.fit_to_size(np.asarray(consistent), image.shape[1])

@@ -1,16 +1,13 @@
-"""Where runs report: TensorBoard events, metrics.jsonl, a console progress bar, quiet logs."""
+"""Where runs report: TensorBoard events, metrics.jsonl and a console progress bar."""
 
 import json
-import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import TextIO
 
-from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = 'metrics.jsonl'
@@ -51,53 +48,6 @@ def _duration(seconds: float) -> str:
   seconds = int(seconds)
   hours, rest = divmod(seconds, 3600)
   return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
-
-
-def _not_orbax_chatter(record: logging.LogRecord) -> bool:
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
-
-
-def passes_through_orbax(traceback: TracebackType | None) -> bool:
-  """Whether an exception's traceback runs through orbax's code."""
-  while traceback is not None:
-    if '/orbax/' in traceback.tb_frame.f_code.co_filename:
-      return True
-    traceback = traceback.tb_next
-  return False
-
-
-def _from_orbax(record: logging.LogRecord) -> bool:
-  # asyncio logs orbax's unretrieved task errors as its own, with orbax in the traceback;
-  # `_without_traceback` may have taken that traceback off already, and says so.
-  return '/orbax/' in record.pathname or getattr(record, 'from_orbax', False) or bool(
-      record.exc_info and passes_through_orbax(record.exc_info[2]))
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-  if _from_orbax(record):
-    record.from_orbax = True
-    record.exc_info, record.exc_text = None, None
-  return True
-
-
-def hide_orbax_logs() -> None:
-  """Drops orbax's log lines from here on: once an error is reported (a failed read or write,
-  bad input), its threads keep logging it or fail to start as the process ends, and asyncio
-  logs each of its unretrieved futures."""
-  absl_logging.get_absl_handler().addFilter(_not_orbax_aftermath)  # once: a set, in effect
-
-
-def _not_orbax_aftermath(record: logging.LogRecord) -> bool:
-  return not (_from_orbax(record) or record.name == 'asyncio')
-
-
-def quiet_orbax_logs(show_tracebacks: bool = False) -> None:
-  """Hides orbax's INFO lines (dozens per save or load); its warnings and errors still show,
-  as one line each unless `show_tracebacks` (the caller reports the error itself)."""
-  handler = absl_logging.get_absl_handler()
-  handler.addFilter(_not_orbax_chatter)
-  if not show_tracebacks:
-    handler.addFilter(_without_traceback)
 
 
 class ProgressBar:

@@ -10,7 +10,6 @@ kill -9) resumes from the latest complete checkpoint in `workdir` and continues 
 import functools
 import json
 import logging
-import math
 import signal
 import tempfile
 import threading
@@ -25,9 +24,9 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fsmnet_jax import losses, metrics, optim
+from fsmnet_jax import evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
-from fsmnet_jax.data import pipeline, transforms
+from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, init_variables
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
@@ -55,12 +54,11 @@ class TrainState(train_state.TrainState):
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """All devices of all processes as a (data, model) mesh."""
-  devices = np.array(jax.devices())
-  model_size = config.mesh.model
-  if model_size < 1 or devices.size % model_size:
-    raise ConfigError(f'config.mesh.model={model_size} must divide the {devices.size} devices')
-  return Mesh(devices.reshape(devices.size // model_size, model_size), ('data', 'model'))
+  """All devices of all processes as a (data, model) mesh of `config.mesh.model` columns."""
+  try:
+    return mesh_lib.make_mesh(jax.devices(), config.mesh.model)
+  except ValueError as e:
+    raise ConfigError(f'config.mesh.model={config.mesh.model}: {e}') from e
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -128,7 +126,7 @@ def state_shardings(state: TrainState, mesh: Mesh, shard_optimizer_state: bool) 
   """Replicated everywhere; with `shard_optimizer_state`, each optimizer-state array split
   over `data` along its first axis the data axis divides (FSDP-style: 1/N of Adam's moments
   per device, gathered by XLA where the update needs them)."""
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
   shardings = jax.tree_util.tree_map(lambda _: replicated, state)
   if not shard_optimizer_state:
     return shardings
@@ -210,76 +208,6 @@ def make_train_step(config: ml_collections.ConfigDict) -> Callable:
                            compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
                            ema_decay=config.train.ema_decay,
                            schedule=learning_rate_schedule(config.train))
-
-
-def eval_step(params: Any, batch: dict[str, jax.Array], valid: jax.Array, *,
-              apply_fn: Callable) -> dict[str, jax.Array]:
-  """Sums over the valid rows of a batch of PSNR/SSIM/NMSE of FSMNet and of zero-filling, on
-  the reference's uint8 convention."""
-  outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
-  intensity = lambda x: transforms.denormalize_images(x, batch['mean'], batch['std'])
-  target = intensity(batch['target'])
-  sums = {'count': jnp.sum(valid)}
-  for prefix, image in (('', outputs['img_out']), ('zero_filled_', batch['target_under'])):
-    for name, values in metrics.reference_metrics(target, intensity(image)).items():
-      # Padding rows are all zero (inf PSNR, 0/0 NMSE): masked with `where`, not a product.
-      sums[prefix + name] = jnp.sum(jnp.where(valid, values, 0.0))
-  return sums
-
-
-class Evaluator:
-  """Evaluates parameters on the test split, sharded like training; every process takes
-  part in every step (its missing batches are padding), and all get the global means."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
-               param_shardings: Any):
-    source = pipeline.make_source(config, 'test')
-    processes = jax.process_count()
-    self._local_batch = config.eval.batch_size // processes
-    self._image_size = config.data.image_size
-    self._loader = pipeline.make_loader(config, 'test', self._local_batch, num_epochs=1,
-                                        source=source)
-    per_process = math.ceil(len(source) / processes)
-    self._num_batches = math.ceil(per_process / self._local_batch)
-    if config.eval.max_batches:
-      self._num_batches = min(self._num_batches, config.eval.max_batches)
-    self._sharding = NamedSharding(mesh, P('data'))
-    self._step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
-                         in_shardings=(param_shardings, self._sharding, self._sharding),
-                         out_shardings=NamedSharding(mesh, P()))
-
-  def __call__(self, params: Any) -> dict[str, float]:
-    batches = iter(self._loader)
-    totals = None
-    for _ in range(self._num_batches):
-      local = next(batches, None)
-      batch, valid = _pad({k: local[k] for k in (*TRAIN_KEYS, 'mean', 'std')} if local else None,
-                          self._local_batch, self._image_size)
-      sums = self._step(params, _global(batch, self._sharding),
-                        _global(valid, self._sharding))
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals.pop('count'))
-    return {f'eval_{name}': float(value) / count for name, value in totals.items()}
-
-
-def _pad(batch: dict[str, np.ndarray] | None, size: int, image_size: int
-         ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """`batch` (None: no rows) padded with zero rows to `size`, and the mask of its real rows."""
-  if batch is None:
-    image = np.zeros((0, image_size, image_size, 1), np.float32)
-    batch = {'target_under': image, 'aux': image, 'target': image,
-             'mean': np.zeros(0, np.float32), 'std': np.zeros(0, np.float32)}
-  rows = len(batch['target'])
-  padded = {k: np.concatenate([v, np.zeros((size - rows, *v.shape[1:]), v.dtype)])
-            for k, v in batch.items()}
-  return padded, np.arange(size) < rows
-
-
-def _global(local: Any, sharding: NamedSharding) -> Any:
-  """This process's rows -> global arrays split over the `data` axis."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
 class _NonFiniteGuard:
@@ -403,9 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = start_step or 0
   if is_chief:
     _save_config(config, workdir, start_step)
-  evaluator = Evaluator(config, mesh, model.apply, shardings.params)
+  evaluator = evaluate.SplitEvaluator(config, mesh, model.apply,
+                                      max_batches=config.eval.max_batches)
 
-  batch_sharding = NamedSharding(mesh, P('data'))
+  batch_sharding = mesh_lib.rows(mesh)
   step_fn = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, None), donate_argnums=0)
 
@@ -418,13 +347,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for step in range(start_step + 1, config.train.num_steps + 1):
       local = next(train_batches)
-      state, step_metrics = step_fn(state, _global({k: local[k] for k in TRAIN_KEYS},
-                                                   batch_sharding))
+      batch = mesh_lib.global_batch({k: local[k] for k in TRAIN_KEYS}, batch_sharding)
+      state, step_metrics = step_fn(state, batch)
       guard.watch(step, step_metrics.pop('finite'), local)
       last_step = step == config.train.num_steps
       stopping = stop.requested()
-      evaluate = step % config.eval.every == 0 or last_step
-      save = step % config.train.checkpoint_every == 0 or evaluate or stopping
+      evaluating = step % config.eval.every == 0 or last_step
+      save = step % config.train.checkpoint_every == 0 or evaluating or stopping
       if step % config.train.log_every == 0 or save:
         guard.flush()
         scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -434,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      ', '.join(f'{k} {v:.5g}' for k, v in sorted(scalars.items())))
       progress.update(step, last_loss)
       step_eval = None
-      if evaluate:
+      if evaluating:
         eval_params = state.ema_params if config.train.ema_decay else state.params
         eval_metrics = step_eval = evaluator(eval_params)
         writer.write(step, eval_metrics)

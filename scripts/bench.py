@@ -3,7 +3,7 @@
   python scripts/bench.py --json bench.json
 """
 
-from fsmnet_jax.bench import run
+from fsmnet_bench import run
 
 if __name__ == '__main__':
   run()

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from configs import default
+from fsmnet_jax.configs import default
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.data.demo import make_demo_data
 

@@ -5,13 +5,18 @@ torch is imported lazily so that the JAX-only tests run without the torch extra.
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
-from configs import tiny
+from fsmnet_jax.configs import tiny
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.model import FSMNet, init_variables
+
+CACHE_VARIABLE = 'FSMNET_TEST_XLA_CACHE'
 
 
 def randomize_scalars(model, seed: int):
@@ -44,15 +49,25 @@ def data_root(tmp_path_factory):
   return root
 
 
+def pytest_configure(config):
+  """One persistent XLA cache for the session, set before anything compiles: the parallel test
+  workers (which inherit the controller's environment) and the commands they run compile each
+  program once."""
+  cache = os.environ.setdefault(CACHE_VARIABLE, tempfile.mkdtemp(prefix='fsmnet-test-xla-'))
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+  if not hasattr(config, 'workerinput'):  # the controller, or a run without workers
+    shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)
+
+
 @pytest.fixture(scope='session')
-def compile_cache(tmp_path_factory):
-  """One persistent XLA cache for every training run of the session, shared by the parallel
-  test workers (each has its own base temp folder, inside a common one)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    base = base.parent
-  (base / 'jax_cache').mkdir(exist_ok=True)
-  return base / 'jax_cache'
+def compile_cache():
+  """The session's persistent XLA cache folder, for the commands the tests run."""
+  return Path(os.environ[CACHE_VARIABLE])
 
 
 @pytest.fixture(scope='module')

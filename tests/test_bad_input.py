@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import tiny
-from fsmnet_jax import cli
+from fsmnet_jax.configs import tiny
 from fsmnet_jax.checkpoint import save_variables
+from fsmnet_jax.cli import reconstruct as reconstruct_cli
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.model import FSMNet, init_variables
 
@@ -259,7 +259,7 @@ def test_reconstruct_refuses_bad_input_in_one_line(case, good_inputs, tmp_path, 
   scans = ('t1', 't2') if arguments[0] in ('t1', 't2') else ('kspace', 'reference')
   out = tmp_path / 'out' / ('recon.nii.gz' if scans[0] == 't1' else 'recon.h5')
   before = _digests(tmp_path, good_inputs['checkpoint'].parent)
-  code = cli.reconstruct_main([
+  code = reconstruct_cli.main([
       '--checkpoint', str(inputs['checkpoint']), '--config', str(ROOT / 'configs' / 'tiny.py'),
       *(f'--{scan}={inputs[scan]}' for scan in scans), '--acceleration', '4', '--out', str(out)])
   lines = _error_lines(capsys.readouterr().err)

@@ -1,19 +1,45 @@
-"""fsmnet-bench: the plan, the worker processes and the report, on the tiny model (--quick)."""
+"""fsmnet-bench: the plan, the summary and the report on synthetic results, the command line
+with stand-in workers, and one real run of the smallest plan: both frameworks' workers, each
+in a process of its own, interrupted by SIGTERM in its last measurement."""
 
+import dataclasses
 import json
+import os
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fsmnet_jax import bench
+import fsmnet_bench
+from fsmnet_bench import launch, plan, report
+from fsmnet_bench.plan import Spec
+from fsmnet_jax.configs import tiny
+
+INFO = {'date': '2025-01-02', 'python': '3.12.1', 'platform': 'Linux', 'cpus_used': [0, 1],
+        'threads': 2, 'cpu_model': 'Test CPU', 'jax': '0.10.2', 'jaxlib': '0.10.2',
+        'flax': '0.12.8', 'torch': '2.13.0'}
+
+
+def _timing(spec: Spec, seconds: list[float], **fields) -> dict:
+  """A train or infer result as launch.run_worker returns it."""
+  median = statistics.median(seconds)
+  return {'seconds': seconds, 'median_s': median, 'min_s': min(seconds), 'max_s': max(seconds),
+          'images_per_s': spec.batch / median, 'peak_rss_gib': 1.5, 'threads': 2, 'wall_s': 9.0,
+          **fields}
+
+
+def _entry(spec: Spec, result: dict) -> dict:
+  """One measurement as the JSON report lists it."""
+  return {'spec': dataclasses.asdict(spec), 'result': result}
 
 
 def test_default_plan_measures_what_the_readme_table_shows():
-  specs = bench.plan()
+  specs = plan.plan()
   rows = {(s.framework, s.task, s.model, s.size, s.batch) for s in specs}
   for framework in ('jax', 'torch', 'torch-tuned'):
     assert {(framework, 'train', 'paper', 240, 4), (framework, 'train', 'tiny', 64, 4),
@@ -27,126 +53,347 @@ def test_default_plan_measures_what_the_readme_table_shows():
   # JAX trains the paper model one image at a time (CPU), or whole (--whole-batch, GPUs).
   assert {(s.framework, s.micro_batches) for s in specs if s.task == 'train'
           and s.model == 'paper'} == {('jax', 4), ('torch', 1), ('torch-tuned', 1)}
-  assert {s.micro_batches for s in bench.plan(micro_batched=False)} == {1}
+  assert {s.micro_batches for s in plan.plan(micro_batched=False)} == {1}
+
+
+def test_quick_plan_is_the_tiny_model_at_16_px():
+  specs = plan.plan(quick=True, frameworks=('jax', 'torch'), repeats=2)
+  assert [(s.framework, s.task, s.model, s.size, s.batch, s.micro_batches, s.repeats)
+          for s in specs] == [
+              ('jax', 'train', 'tiny', 16, 2, 2, 2), ('jax', 'infer', 'tiny', 16, 1, 1, 2),
+              ('jax', 'infer', 'tiny', 16, 2, 1, 2), ('torch', 'train', 'tiny', 16, 2, 1, 2),
+              ('torch', 'infer', 'tiny', 16, 1, 1, 2), ('torch', 'infer', 'tiny', 16, 2, 1, 2),
+              ('jax', 'matmul', 'paper', 240, 1, 1, 3),
+              ('torch-tuned', 'matmul', 'paper', 240, 1, 1, 3),
+              ('torch-tuned', 'flops', 'tiny', 16, 1, 1, 3)]
+  assert specs[0].label == 'train tiny 16px batch 2, 2 micro-batches [jax]'
+
+
+def test_models_are_the_configs_models():
+  assert plan.MODELS['tiny'] == tiny.get_config().model.to_dict()
+  assert plan.MODELS['paper']['num_features'] == 64
 
 
 def test_sweeps_cover_sizes_batches_and_devices():
-  specs = bench.plan(frameworks=('jax', 'torch-tuned'), sweeps=('size', 'batch', 'devices'))
+  specs = plan.plan(frameworks=('jax', 'torch-tuned'), sweeps=('size', 'batch', 'devices'))
   by_group = lambda g: [s for s in specs if s.group == g]
   assert {s.size for s in by_group('size')} == {128, 240, 320, 480}
   assert {s.batch for s in by_group('batch')} == {1, 2, 4, 8, 16}
   assert {s.devices for s in by_group('devices')} == {1, 2, 4, 8}
   assert {s.framework for s in by_group('devices')} == {'jax'}
+  assert by_group('devices')[1].label == 'train paper 128px batch 8, 2 devices [jax]'
   with pytest.raises(ValueError, match='unknown sweep'):
-    bench.plan(sweeps=('threads',))
-
-
-def test_quick_run_measures_both_frameworks_in_their_own_processes(tmp_path, capsys):
-  pytest.importorskip('torch')
-  out = tmp_path / 'bench.json'
-  code = bench.main(['--quick', '--frameworks', 'jax,torch', '--repeats', '2', '--threads', '1',
-                     '--json', str(out)])
-  report = capsys.readouterr().out
-  assert code == 0, report
-  data = json.loads(out.read_text())
-  assert data['machine']['threads'] == 1 and data['machine']['jax'] and data['machine']['torch']
-  measured = [r for r in data['results'] if r['spec']['task'] in ('train', 'infer')]
-  assert len(measured) == 2 * 3
-  for entry in measured:
-    result = entry['result']
-    assert 'error' not in result, entry
-    assert len(result['seconds']) == 2 and result['min_s'] <= result['median_s'] <= result['max_s']
-    assert result['images_per_s'] == pytest.approx(entry['spec']['batch'] / result['median_s'])
-    assert result['threads'] == 1 and result['peak_rss_gib'] > 0.1
-    if entry['spec']['framework'] == 'jax':
-      assert result['compile_s'] > 0 and result['flops_per_image'] > 0
-      assert result['device_count'] == 1
-  summary = data['summary']
-  assert summary['matmul_peak_gflops_per_s'] > 1
-  assert set(summary['ratios']) == {f'{row}: JAX / torch' for row in (
-      'train tiny 16px batch 2', 'infer tiny 16px batch 1', 'infer tiny 16px batch 2')}
-  # Both FLOP counts of the forward pass: XLA's cost analysis also counts the element-wise
-  # work, the FFTs and the attention, torch's FlopCounterMode only matmuls and convolutions.
-  torch_forward = summary['torch_flops_per_image']['flops_per_image']
-  jax_forward = summary['utilisation']['infer tiny 16px batch 1']['gflop_per_image'] * 1e9
-  assert torch_forward <= jax_forward <= 3 * torch_forward
-  # A training step is about three forward passes, micro-batched (a scan) or not.
-  jax_train = summary['utilisation']['train tiny 16px batch 2']['gflop_per_image'] * 1e9
-  assert 2 * jax_forward <= jax_train <= 4 * jax_forward
-  assert '| train step, tiny 16px, batch 2 |' in report and 'JAX / PyTorch eager |' in report
-
-
-def test_failed_worker_is_reported_not_hidden(tmp_path):
-  result = bench.run_worker(bench.Spec('jax', 'train', 'tiny', size=30, batch=4),
-                            tmp_path / 'missing.npz', [0])
-  assert 'error' in result and 'exit code' in result['error']
-  report = bench.format_report(
-      [{'spec': bench.dataclasses.asdict(bench.Spec('jax', 'train', 'tiny', 32, 4)),
-        'result': result}], bench.summarize([]), bench.machine_info([0]))
-  assert 'failed' in report and 'Failed measurements:\n- jax (train tiny 32px): exit code' in report
+    plan.plan(sweeps=('threads',))
 
 
 def test_bf16_rows_are_jax_mixed_precision_of_the_batched_headline_rows():
-  specs = bench.plan(frameworks=('jax', 'torch'), bf16=True)
+  specs = plan.plan(frameworks=('jax', 'torch'), bf16=True)
   assert {(s.framework, s.task, s.model, s.size, s.batch) for s in specs
           if s.dtype == 'bfloat16'} == {('jax', 'train', 'paper', 240, 4),
                                          ('jax', 'infer', 'paper', 240, 8)}
-  assert not any(s.dtype == 'bfloat16' for s in bench.plan(frameworks=('jax',)))
+  assert not any(s.dtype == 'bfloat16' for s in plan.plan(frameworks=('jax',)))
 
 
-def test_bfloat16_inference_worker(tmp_path):
-  weights = tmp_path / 'tiny.npz'
-  bench._save_weights('tiny', weights)
-  spec = bench.Spec('jax', 'infer', 'tiny', 16, 2, dtype='bfloat16', repeats=2)
-  result = bench.run_worker(spec, weights, [0])
-  assert 'error' not in result, result
-  assert len(result['seconds']) == 2 and result['flops_per_image'] > 0
-  results = [{'spec': bench.dataclasses.asdict(spec), 'result': result}]
-  report = bench.format_report(results, bench.summarize(results), bench.machine_info([0]))
-  assert '| inference, tiny 16px, batch 2, bfloat16 |' in report
+def test_summary_and_report_of_a_cpu_run():
+  train = {f: Spec(f, 'train', batch=4, micro_batches=4 if f == 'jax' else 1)
+           for f in ('jax', 'torch', 'torch-compile')}
+  results = [
+      _entry(train['jax'], _timing(train['jax'], [2.0, 1.0, 4.0], compile_s=12.34,
+                                   device_count=1, flops_per_image=50e9)),
+      _entry(train['torch'], _timing(train['torch'], [4.0, 4.0, 4.0])),
+      _entry(train['torch-compile'], {'error': 'exit code 1: InductorError: no compiler'}),
+      _entry(Spec('jax', 'matmul'), {'seconds': [1.0], 'matmul_size': 2048,
+                                     'gflops_per_s': 80.0}),
+      _entry(Spec('torch-tuned', 'matmul'), {'seconds': [1.0], 'matmul_size': 2048,
+                                             'gflops_per_s': 100.0}),
+      _entry(Spec('torch-tuned', 'flops'), {'flops_per_image': 10e9,
+                                            'train_flops_per_image': 30e9}),
+      _entry(Spec('jax', 'infer', size=128, repeats=2, group='size'),
+             _timing(Spec('jax', 'infer'), [0.5, 0.25])),
+      _entry(Spec('torch-tuned', 'infer', size=240, repeats=2, group='size'),
+             {'error': 'exit code -9: killed'}),
+  ]
+  summary = report.summarize(results)
+  assert summary['ratios'] == {'train paper 240px batch 4: JAX / torch': pytest.approx(2.0)}
+  assert summary['matmul_peak_gflops_per_s'] == 100.0 and summary['matmul_size'] == 2048
+  assert summary['torch_flops_per_image'] == {'flops_per_image': 10e9,
+                                              'train_flops_per_image': 30e9}
+  assert summary['utilisation'] == {'train paper 240px batch 4': pytest.approx(
+      {'gflop_per_image': 50.0, 'achieved_gflops_per_s': 100.0, 'mfu': 1.0})}
+  assert report.format_report(results, summary, INFO) == '\n'.join([
+      'fsmnet-bench, 2025-01-02: Test CPU, 2 threads (CPUs [0, 1]); jax 0.10.2, flax 0.12.8, '
+      'torch 2.13.0, Python 3.12.1.',
+      '',
+      '| images/s, median (range) | JAX (jit) | PyTorch eager | torch.compile, tuned | '
+      'JAX / PyTorch eager | JAX / torch.compile, tuned |',
+      '|---|---|---|---|---|---|',
+      '| train step, paper 240px, batch 4 | 2 (1–4) | 1 (1–1) | failed | 2.00x | – |',
+      '',
+      '| peak host RSS, GiB | JAX (jit) | PyTorch eager | torch.compile, tuned |',
+      '|---|---|---|---|',
+      '| train step, paper 240px, batch 4 | 1.50 | 1.50 | – |',
+      '',
+      '| compile / first call, s | JAX (jit) | PyTorch eager | torch.compile, tuned |',
+      '|---|---|---|---|',
+      '| train step, paper 240px, batch 4 | 12.3 | – | – |',
+      '',
+      'JAX trains batch 4 as 4 micro-batches (config.train.grad_accum_steps=4): the same '
+      'gradient, accumulated.',
+      '',
+      'Matmul peak (2048x2048 float32, best of both frameworks): 100 GFLOP/s.',
+      "torch FlopCounterMode at the first row's model and size: forward 10.0 GFLOP/image, "
+      'training step 30.0 GFLOP/image.',
+      '',
+      '| JAX (XLA cost analysis) | GFLOP/image | achieved GFLOP/s | MFU |',
+      '|---|---|---|---|',
+      '| train paper 240px batch 4 | 50.0 | 100 | 100% |',
+      '',
+      'Failed measurements:',
+      '- torch-compile (train paper 240px): exit code 1: InductorError: no compiler',
+      '- torch-tuned (infer paper 240px): exit code -9: killed',
+      '',
+      '| image size | task | framework | s per call, median (range) | images/s | peak RSS GiB |',
+      '|---|---|---|---|---|---|',
+      '| 128 | infer paper 128px b1 | JAX (jit) | 0.375 (0.25–0.5) | 2.67 | 1.50 |',
+      '| 240 | infer | torch-tuned | failed: exit code -9: killed | – | – |'])
+
+
+def test_report_of_sweeps_only_without_a_matmul():
+  spec = Spec('jax', 'train', 'paper', 128, 8, devices=2, group='devices')
+  results = [_entry(spec, _timing(spec, [4.0], flops_per_image=1e9))]
+  summary = report.summarize(results)
+  assert summary == {'matmul_peak_gflops_per_s': None, 'matmul_size': None, 'ratios': {},
+                     'utilisation': {}}
+  assert report.format_report(results, summary, INFO).split('\n')[1:] == [
+      '', '', '| forced host devices | task | framework | s per call, median (range) | images/s | '
+          'peak RSS GiB |', '|---|---|---|---|---|---|',
+      '| 2 | train paper 128px b8 | JAX (jit) | 4 (4–4) | 2 | 1.50 |']
+  # A JAX row of the headline table without a measured peak: no MFU.
+  spec = Spec('jax', 'infer', dtype='bfloat16')
+  results = [_entry(spec, _timing(spec, [0.5], flops_per_image=2e9))]
+  summary = report.summarize(results)
+  assert summary['utilisation'] == {'infer paper 240px batch 1 bfloat16': {
+      'gflop_per_image': 2.0, 'achieved_gflops_per_s': 4.0, 'mfu': None}}
+  text = report.format_report(results, summary, INFO)
+  assert '| inference, paper 240px, batch 1, bfloat16 | 2 (2–2) |' in text
+  assert 'Matmul peak: not measured.' in text
+  assert '| infer paper 240px batch 1 bfloat16 | 2.0 | 4 | – |' in text
 
 
 def test_report_on_a_gpu_names_it_and_shows_device_memory():
   def entry(framework, seconds, device_gib, device='NVIDIA H200'):
-    result = {'seconds': [seconds] * 3, 'median_s': seconds, 'min_s': seconds, 'max_s': seconds,
-              'images_per_s': 4 / seconds, 'peak_rss_gib': 3.0, 'peak_device_gib': device_gib,
-              'device': device}
-    return {'spec': bench.dataclasses.asdict(bench.Spec(framework, 'train', batch=4)),
-            'result': result}
+    spec = Spec(framework, 'train', batch=4)
+    return _entry(spec, _timing(spec, [seconds] * 3, peak_rss_gib=3.0,
+                                peak_device_gib=device_gib, device=device))
   results = [entry('jax', 0.08, 10.5), entry('torch', 0.18, 12.25)]
-  report = bench.format_report(results, bench.summarize(results), bench.machine_info([0]))
-  assert 'NVIDIA H200 (TF32 float32 arithmetic)' in report
-  assert '| train step, paper 240px, batch 4 | 10.50 | 12.25 |' in report
-  assert '| train step, paper 240px, batch 4 | 50 (50–50) | 22.2 (22.2–22.2) | 2.25x |' in report
+  text = report.format_report(results, report.summarize(results), INFO)
+  assert 'NVIDIA H200 (TF32 float32 arithmetic)' in text
+  assert '| train step, paper 240px, batch 4 | 10.50 | 12.25 |' in text
+  assert '| train step, paper 240px, batch 4 | 50 (50–50) | 22.2 (22.2–22.2) | 2.25x |' in text
 
 
-def test_sigterm_reports_and_keeps_the_finished_measurements(tmp_path):
-  pytest.importorskip('torch')
+def test_machine_info_names_the_cpu_and_versions_without_importing_them():
+  info = report.machine_info([0])
+  assert info['threads'] == 1 and info['cpus_used'] == [0] and info['cpu_model']
+  assert info['jax'] and info['flax'] and set(info) >= {'date', 'python', 'platform', 'jaxlib',
+                                                        'torch'}
+
+
+def test_command_line_runs_the_plan_and_fails_only_for_errors_that_count(tmp_path, monkeypatch,
+                                                                          capsys):
+  saved, launched, failing = [], [], set()
+  monkeypatch.setattr(launch, 'save_weights', lambda model, path: saved.append(model))
+
+  def run_worker(spec, weights, cpus):
+    launched.append((spec, weights.name, cpus))
+    if spec.framework in failing:
+      return {'error': f'exit code 1: {spec.framework} broke'}
+    if spec.task == 'matmul':
+      return {'seconds': [1.0], 'matmul_size': 2048, 'gflops_per_s': 50.0}
+    if spec.task == 'flops':
+      return {'flops_per_image': 1e9, 'train_flops_per_image': 3e9}
+    return _timing(spec, [0.5] * spec.repeats, threads=len(cpus))
+  monkeypatch.setattr(launch, 'run_worker', run_worker)
+
   out = tmp_path / 'bench.json'
-  # --repeats 7 marks this run's workers, to check that none outlives the interrupted run.
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'fsmnet_jax.bench', '--quick', '--frameworks', 'torch',
-       '--repeats', '7', '--threads', '1', '--json', str(out)],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 240
-  while not (out.exists() and json.loads(out.read_text())['results']):
-    assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-    time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
-  report, log = process.communicate(timeout=60)
-  assert process.returncode == 1, log
+  args = ['--quick', '--frameworks', 'jax,torch-compile', '--repeats', '2', '--threads', '1',
+          '--json', str(out)]
+  failing.add('torch-compile')  # a finding, not a failure of the benchmark
+  assert fsmnet_bench.main(args) == 0
+  printed = capsys.readouterr()
+  specs = plan.plan(True, ('jax', 'torch-compile'), (), 2)
+  assert [spec for spec, _, _ in launched] == specs
+  assert {(spec.model, weights) for spec, weights, _ in launched} == {
+      ('tiny', 'tiny.msgpack'), ('paper', 'paper.msgpack')}
+  first_cpu = min(os.sched_getaffinity(0))
+  assert saved == ['tiny'] and {tuple(cpus) for _, _, cpus in launched} == {(first_cpu,)}
   data = json.loads(out.read_text())
-  assert data['machine']['interrupted'] and 'interrupted after' in log
-  finished = data['results']
-  assert finished and all('error' not in r['result'] for r in finished)
-  assert '| train step, tiny 16px, batch 2 |' in report and 'interrupted)' in report
-  workers = [p for p in Path('/proc').glob('[0-9]*/cmdline')
-             if b'--worker' in _read(p) and b'"repeats": 7' in _read(p)]
-  assert not workers
+  assert data['results'] == [_entry(spec, run_worker(spec, out, [first_cpu])) for spec in specs]
+  assert data['machine']['interrupted'] is False and data['machine']['total_s'] >= 0
+  assert data['summary'] == report.summarize(data['results'])
+  assert printed.out.startswith(report.format_report(data['results'], data['summary'],
+                                                     data['machine']))
+  assert printed.out.endswith('\n\n(total 0 s)\n')
+  assert f'{len(specs)} measurements, 1 threads on CPUs [{first_cpu}]' in printed.err
+  assert '  train tiny 16px batch 2, 2 micro-batches [jax]: 0.5 s median (9 s)' in printed.err
+
+  failing.add('jax')
+  assert fsmnet_bench.main(args) == 1
+  launched.clear()
+  failing.clear()
+  assert fsmnet_bench.main(['--sweep', 'devices', '--frameworks', 'jax', '--threads', '1']) == 0
+  assert {spec.group for spec, _, _ in launched} == {'devices'}
+  launched.clear()
+  assert fsmnet_bench.main(['--quick', '--sweep', 'size', '--with-main', '--threads', '1']) == 0
+  assert {spec.group for spec, _, _ in launched} == {'main', 'size'}
 
 
-def _read(path: Path) -> bytes:
+@pytest.mark.parametrize('args, message', [
+    (['--frameworks', 'jax,mxnet'], "--frameworks: unknown ['mxnet']"),
+    (['--frameworks', ','], '--frameworks: unknown []'),
+    (['--repeats', '0'], '--repeats must be at least 1'),
+    (['--threads', '100000'], '--threads must be between 1 and the'),
+    (['--json', '.'], '--json .: not a file'),
+])
+def test_command_line_refuses_bad_arguments(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    fsmnet_bench.main(args)
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_script_in_the_checkout_runs_the_command_line():
+  script = Path(__file__).parent.parent / 'scripts' / 'bench.py'
+  done = subprocess.run([sys.executable, str(script), '--help'], capture_output=True, text=True,
+                        check=True)
+  assert done.stdout.startswith('usage: fsmnet-bench [-h] [--json JSON]')
+  assert 'FSMNet in JAX against its PyTorch twin' in done.stdout
+
+
+# Each real measurement of the smallest plan; the last one runs until SIGTERM stops the run.
+SMALLEST = [
+    Spec('jax', 'train', 'tiny', 16, 2, micro_batches=2, repeats=1),
+    Spec('jax', 'infer', 'tiny', 16, 1, repeats=1),
+    Spec('jax', 'infer', 'tiny', 16, 2, dtype='bfloat16', repeats=1),
+    Spec('torch', 'train', 'tiny', 16, 2, repeats=1),
+    Spec('torch-tuned', 'infer', 'tiny', 16, 1, repeats=1),
+    Spec('torch-compile', 'infer', 'tiny', 16, 2, dtype='bfloat16'),  # refused by its worker
+    Spec('jax', 'matmul', 'tiny'),
+    Spec('torch-tuned', 'matmul', 'tiny'),
+    Spec('torch-tuned', 'flops', 'tiny', 16, 1),
+    Spec('torch', 'infer', 'tiny', 16, 1, repeats=999_999),
+]
+
+
+def _workers_in_flight() -> list[int]:
+  """Process ids of this process's running workers of the last SMALLEST spec."""
+  marker = json.dumps(dataclasses.asdict(SMALLEST[-1])).encode()
+  pids = []
+  for process in Path('/proc').glob('[0-9]*'):
+    try:
+      parent = int((process / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+      if parent == os.getpid() and marker in (process / 'cmdline').read_bytes():
+        pids.append(int(process.name))
+    except OSError:  # the process ended meanwhile
+      pass
+  return pids
+
+
+def _sigterm_once_the_last_worker_runs(stop: threading.Event) -> None:
+  """Sends this process SIGTERM a second after the last worker started (unless `stop`)."""
+  while not stop.wait(0.2):
+    if _workers_in_flight():
+      time.sleep(1)  # past Popen: subprocess.run kills the worker it waits for
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+
+
+def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatch, capsys):
+  pytest.importorskip('torch')
+  monkeypatch.setattr(plan, 'plan', lambda *args, **kwargs: list(SMALLEST))
+  # A SIGTERM after the run (from a watcher too late) must not end the test session.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  stop = threading.Event()
+  watcher = threading.Thread(target=_sigterm_once_the_last_worker_runs, args=(stop,))
+  watcher.start()
+  out = tmp_path / 'bench.json'
   try:
-    return path.read_bytes()
-  except OSError:  # the process ended meanwhile
-    return b''
+    code = fsmnet_bench.main(['--threads', '1', '--json', str(out)])
+  finally:
+    stop.set()
+    watcher.join()
+    signal.signal(signal.SIGTERM, previous)
+  printed = capsys.readouterr()
+  assert code == 1, printed
+  assert not _workers_in_flight()
+  assert f'interrupted after {len(SMALLEST) - 1} of {len(SMALLEST)} measurements' in printed.err
+  data = json.loads(out.read_text())
+  machine, summary, results = data['machine'], data['summary'], data['results']
+  assert machine['interrupted'] and machine['threads'] == 1 and machine['total_s'] > 0
+  assert machine['jax'] and machine['flax'] and machine['torch']
+  assert [r['spec'] for r in results] == [dataclasses.asdict(s) for s in SMALLEST[:-1]]
+  result = {(r['spec']['framework'], r['spec']['task'], r['spec']['batch'], r['spec']['dtype']):
+            r['result'] for r in results}
+
+  gpu = lambda fields: {'peak_device_gib', 'device'} & set(fields)
+  timing = {'seconds', 'median_s', 'min_s', 'max_s', 'images_per_s', 'peak_rss_gib', 'threads',
+            'wall_s'}
+  for entry in results[:5]:
+    spec, measured = entry['spec'], entry['result']
+    jax = {'compile_s', 'device_count', 'flops_per_image'} if spec['framework'] == 'jax' else set()
+    assert set(measured) == timing | jax | gpu(measured), entry
+    assert len(measured['seconds']) == 1 and measured['median_s'] == measured['seconds'][0] > 0
+    assert measured['images_per_s'] == pytest.approx(spec['batch'] / measured['median_s'])
+    assert measured['threads'] == 1 and measured['peak_rss_gib'] > 0.1
+    assert measured['wall_s'] > measured['median_s']
+    if spec['framework'] == 'jax':
+      assert measured['compile_s'] > 0 and measured['flops_per_image'] > 0
+      assert measured['device_count'] == 1
+  assert result['torch-compile', 'infer', 2, 'bfloat16'] == {
+      'error': 'exit code 1: ValueError: torch-compile: only JAX runs bfloat16 or micro-batches'}
+  for framework in ('jax', 'torch-tuned'):
+    matmul = result[framework, 'matmul', 1, 'float32']
+    assert set(matmul) == {'seconds', 'matmul_size', 'gflops_per_s', 'peak_rss_gib', 'threads',
+                           'wall_s'}
+    assert len(matmul['seconds']) == 5 and matmul['gflops_per_s'] > 1
+  flops = result['torch-tuned', 'flops', 1, 'float32']
+  assert set(flops) == {'flops_per_image', 'train_flops_per_image', 'peak_rss_gib', 'threads',
+                        'wall_s'}
+
+  jax_train, jax_infer = result['jax', 'train', 2, 'float32'], result['jax', 'infer', 1, 'float32']
+  assert summary['ratios'] == {
+      'train tiny 16px batch 2: JAX / torch': pytest.approx(
+          jax_train['images_per_s'] / result['torch', 'train', 2, 'float32']['images_per_s']),
+      'infer tiny 16px batch 1: JAX / torch-tuned': pytest.approx(
+          jax_infer['images_per_s'] / result['torch-tuned', 'infer', 1, 'float32']['images_per_s'])}
+  peak = max(result[f, 'matmul', 1, 'float32']['gflops_per_s'] for f in ('jax', 'torch-tuned'))
+  assert summary['matmul_peak_gflops_per_s'] == peak and summary['matmul_size'] == 2048
+  assert summary['torch_flops_per_image'] == flops
+  assert set(summary['utilisation']) == {'train tiny 16px batch 2', 'infer tiny 16px batch 1',
+                                         'infer tiny 16px batch 2 bfloat16'}
+  for key, (task, batch, dtype) in {'train tiny 16px batch 2': ('train', 2, 'float32'),
+                                    'infer tiny 16px batch 1': ('infer', 1, 'float32'),
+                                    'infer tiny 16px batch 2 bfloat16': ('infer', 2, 'bfloat16')
+                                    }.items():
+    measured, figures = result['jax', task, batch, dtype], summary['utilisation'][key]
+    achieved = measured['flops_per_image'] * measured['images_per_s'] / 1e9
+    assert figures == pytest.approx({'gflop_per_image': measured['flops_per_image'] / 1e9,
+                                     'achieved_gflops_per_s': achieved, 'mfu': achieved / peak})
+  # Both FLOP counts of the forward pass: XLA's cost analysis also counts the element-wise
+  # work, the FFTs and the attention, torch's FlopCounterMode only matmuls and convolutions.
+  torch_forward = flops['flops_per_image']
+  jax_forward = jax_infer['flops_per_image']
+  assert torch_forward <= jax_forward <= 3 * torch_forward
+  # A training step is about three forward passes: in torch, and in JAX's accumulation scan
+  # (whose body XLA counts once, the worker multiplies by the micro-batches).
+  assert 2 * torch_forward <= flops['train_flops_per_image'] <= 4 * torch_forward
+  assert 2 * jax_forward <= jax_train['flops_per_image'] <= 4 * jax_forward
+  assert result['jax', 'infer', 2, 'bfloat16']['flops_per_image'] == pytest.approx(jax_forward,
+                                                                                     rel=0.5)
+
+  text = report.format_report(results, summary, machine)
+  assert printed.out == f"{text}\n\n(total {machine['total_s']:.0f} s, interrupted)\n"
+  assert '| train step, tiny 16px, batch 2 |' in text and '| JAX / PyTorch eager |' in text
+  assert '| inference, tiny 16px, batch 2, bfloat16 |' in text
+  assert 'JAX trains batch 2 as 2 micro-batches' in text and 'Matmul peak (2048x2048' in text
+  assert ('Failed measurements:\n- torch-compile (infer tiny 16px): exit code 1: ValueError: '
+          'torch-compile: only JAX runs bfloat16 or micro-batches') in text

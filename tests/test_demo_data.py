@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fsmnet_jax.data import kspace
-from fsmnet_jax.data.demo import main, make_demo_data
+from fsmnet_jax.cli.make_demo_data import main
+from fsmnet_jax.data.demo import make_demo_data
 
 
 def test_formats_and_determinism(tmp_path):

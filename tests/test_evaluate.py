@@ -12,10 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from matplotlib import image as mpimg
 
-from configs import tiny
+from fsmnet_jax.configs import tiny
 from fsmnet_jax import evaluate, train
 from fsmnet_jax.model import FSMNet, init_variables
 
@@ -101,9 +100,8 @@ def test_pictures_are_not_blank(evaluation):
 
 def test_agrees_with_the_training_evaluator(config, params, evaluation):
   _, report = evaluation
-  mesh = train.make_mesh(config)
-  replicated = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), params)
-  during_training = train.Evaluator(config, mesh, FSMNet(**config.model).apply, replicated)(params)
+  during_training = evaluate.SplitEvaluator(config, train.make_mesh(config),
+                                            FSMNet(**config.model).apply)(params)
   for method, prefix in (('fsmnet', 'eval_'), ('zero_filled', 'eval_zero_filled_')):
     for metric in evaluate.METRICS:
       np.testing.assert_allclose(report['reference_convention'][method][metric]['mean'],
@@ -122,7 +120,7 @@ def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, 
   torch = pytest.importorskip('torch')
   from torch_port.convert import flax_to_torch  # pylint: disable=import-outside-toplevel
   torch.save({'network': flax_to_torch({'params': params})}, tmp_path / 'model.pth')
-  command = [sys.executable, '-m', 'fsmnet_jax.eval_main', '--config',
+  command = [sys.executable, '-m', 'fsmnet_jax.cli.eval', '--config',
              str(REPO / 'configs/tiny.py'), f'--config.data.root={config.data.root}',
              '--config.eval.batch_size=4', '--checkpoint', str(tmp_path / 'model.pth'),
              '--num_panels=1']

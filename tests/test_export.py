@@ -2,20 +2,27 @@
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from fsmnet_jax import cli, export
-from fsmnet_jax.checkpoint import CheckpointError, save_variables
+from fsmnet_jax import export
+from fsmnet_jax.cli import export as export_cli
+from fsmnet_jax.checkpoint import save_variables
 from fsmnet_jax.inference import Reconstructor
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _load(path: Path) -> jax.export.Exported:
+  # As a serving system loads the artifact (the command's own hint prints this call).
+  return jax.export.deserialize(bytearray(path.read_bytes()))
+
+
 def test_round_trip_gives_the_models_output(tmp_path, tiny_model_and_params):
   model, params = tiny_model_and_params
   path = export.save_exported(export.export_inference(model, params, 32), tmp_path / 'f.jax')
-  reloaded = export.load_exported(path)
+  reloaded = _load(path)
   rng = np.random.default_rng(0)
   under, aux = rng.random((2, 3, 32, 32), np.float32)
   expected = Reconstructor(model, params, batch_size=3)(under, aux)
@@ -36,18 +43,15 @@ def test_fixed_batch_and_several_platforms(tiny_model_and_params):
     export.export_inference(model, params, 30)
 
 
-def test_cli_and_bad_files(tmp_path, capsys, tiny_model_and_params):
+def test_cli_writes_the_artifact_and_refuses_to_overwrite_it(tmp_path, capsys, tiny_model_and_params):
   model, params = tiny_model_and_params
   checkpoint = save_variables({'params': params}, tmp_path / 'weights')
   out = tmp_path / 'fsmnet.jaxexport'
   arguments = ['--checkpoint', str(checkpoint), '--config', str(REPO / 'configs/tiny.py'),
                '--out', str(out)]
-  assert cli.export_main(arguments) == 0
+  assert export_cli.main(arguments) == 0
   assert 'wrote' in capsys.readouterr().out
-  assert export.load_exported(out).in_avals[0].shape[1:] == (32, 32)
+  assert _load(out).in_avals[0].shape[1:] == (32, 32)
   before = out.read_bytes()
-  assert cli.export_main(arguments) == 2
+  assert export_cli.main(arguments) == 2
   assert 'already exists' in capsys.readouterr().err and out.read_bytes() == before
-  (tmp_path / 'garbage.jaxexport').write_bytes(b'\x00' * 64)
-  with pytest.raises(CheckpointError, match='garbage.jaxexport: not a jax.export artifact'):
-    export.load_exported(tmp_path / 'garbage.jaxexport')

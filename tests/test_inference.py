@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
+from fsmnet_jax.configs import tiny
 from fsmnet_jax import inference
 from fsmnet_jax.checkpoint import CheckpointError, save_variables
 from fsmnet_jax.data import kspace, transforms
@@ -63,15 +63,19 @@ def test_load_params_from_a_training_workdir_prefers_the_ema(tmp_path, tiny_mode
 
 def test_load_params_from_a_pytorch_file(tmp_path, tiny_model_and_params):
   torch = pytest.importorskip('torch')
-  from torch_port.convert import flax_to_torch  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from torch_port import checkpoint as torch_checkpoint, convert
   model, params = tiny_model_and_params
-  torch.save(flax_to_torch({'params': params}), tmp_path / 'model.pth')
-  loaded, inferred = inference.load_params(tmp_path / 'model.pth')
+  torch.save(convert.flax_to_torch({'params': params}), tmp_path / 'model.pth')
+  loaded, inferred = torch_checkpoint.load_params(tmp_path / 'model.pth')
   assert inferred == model
   _assert_trees_equal(loaded, params)
+  with pytest.raises(CheckpointError, match='model.pth: a PyTorch checkpoint; read it with '
+                                            'torch_port.checkpoint.load_params'):
+    inference.load_params(tmp_path / 'model.pth')
   (tmp_path / 'broken.pth').write_bytes(b'not a checkpoint')
   with pytest.raises(CheckpointError, match='broken.pth: '):
-    inference.load_params(tmp_path / 'broken.pth')
+    torch_checkpoint.load_params(tmp_path / 'broken.pth')
 
 
 def test_reconstruct_slices_normalises_as_the_pipeline(tiny_model_and_params):
@@ -145,7 +149,7 @@ def test_data_consistency_restores_measured_lines():
 SHARDED_RUN = '''
 import sys
 import jax, numpy as np
-from configs import tiny
+from fsmnet_jax.configs import tiny
 from fsmnet_jax import inference
 from fsmnet_jax.model import FSMNet, init_variables
 model = FSMNet(**tiny.get_config().model)

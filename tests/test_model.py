@@ -1,7 +1,6 @@
 """Tests for FSMNet: shapes, the reference's parameter tree, init, jit, gradients, ablations."""
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -179,18 +178,3 @@ def test_bad_shapes_raise_clear_errors(tiny, target_shape, aux_shape, message):
   model, variables = tiny
   with pytest.raises(ValueError, match=message):
     model.apply(variables, jnp.zeros(target_shape), jnp.zeros(aux_shape))
-
-
-@pytest.mark.parametrize('config_name', ['default', 'tiny'])
-def test_configs_build_the_model(config_name):
-  config = importlib.import_module(f'configs.{config_name}').get_config()
-  for key in ('dataset', 'root', 'acceleration', 'image_size'):
-    assert key in config.data
-  for key in ('batch_size', 'num_steps', 'learning_rate'):
-    assert key in config.train
-  assert config.data.image_size % 8 == 0
-  model = FSMNet(**config.model)
-  if config_name == 'default':
-    assert model == FSMNet()
-  else:
-    assert model == FSMNetTiny()

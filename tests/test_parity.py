@@ -1,7 +1,7 @@
 """Numerical parity of Flax FSMNet with TorchFSMNet (the reference's twin), proven in layers.
 
 Float32 end-to-end outputs cannot agree tighter than the reference agrees with itself (see
-README "How parity is proven"), so: block by block in float32 on the real inputs each block
+docs/parity.md), so: block by block in float32 on the real inputs each block
 sees; end to end in float64 at power-of-two sizes; end to end in float32 relative to the
 reference's own float32 noise; gradients and one optimiser step in float64.
 """

@@ -8,8 +8,8 @@ import grain.python as grain
 import numpy as np
 import pytest
 
-from configs import tiny
-from fsmnet_jax.data import DataError, brats, pipeline, transforms
+from fsmnet_jax.configs import tiny
+from fsmnet_jax.data import DataError, brats, masks, pipeline, transforms
 from fsmnet_jax.data.demo import make_demo_data
 
 
@@ -104,18 +104,18 @@ def test_fastmri_source_and_config_errors(config, tmp_path):
 
 
 def test_mask_types_and_axes(config):
-  columns = pipeline.sampling_mask(config.data, (32, 40), seed=1)
+  columns = masks.sampling_mask(config.data, (32, 40), seed=1)
   assert columns.shape == (32, 40) and np.all(columns == columns[:1])
   rows_config = config.copy_and_resolve_references()
   rows_config.data.mask_axis = 0
-  rows = pipeline.sampling_mask(rows_config.data, (32, 40), seed=1)
+  rows = masks.sampling_mask(rows_config.data, (32, 40), seed=1)
   assert np.all(rows == rows[:, :1])
   rows_config.data.mask_type = 'gaussian'
   [batch] = _batches(pipeline.make_loader(rows_config, 'train', 2), 1)[1]
   assert batch['mask'][0].sum() == round(32 * 32 / 4)
   assert not np.all(batch['mask'][0] == batch['mask'][0][:1])  # not whole lines
   rows_config.data.mask_type = 'poisson'
-  poisson = pipeline.sampling_mask(rows_config.data, (32, 32), seed=1)
+  poisson = masks.sampling_mask(rows_config.data, (32, 32), seed=1)
   assert abs(poisson.size / poisson.sum() / 4 - 1) < 0.05
 
 

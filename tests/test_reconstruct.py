@@ -10,12 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import tiny
-from fsmnet_jax import cli, reconstruct
+from fsmnet_jax.configs import tiny
+from fsmnet_jax import reconstruct
 from fsmnet_jax.checkpoint import save_variables
-from fsmnet_jax.data import DataError, brats, fastmri
+from fsmnet_jax.cli import reconstruct as reconstruct_cli
+from fsmnet_jax.data import DataError, brats, kspace
 from fsmnet_jax.data.demo import make_demo_data
-from fsmnet_jax.data.pipeline import sampling_mask
+from fsmnet_jax.data.masks import sampling_mask
 from fsmnet_jax.inference import Reconstructor
 from fsmnet_jax.model import FSMNet, init_variables
 
@@ -198,7 +199,7 @@ def test_kspace_reconstruction_uses_only_measured_lines(tmp_path, data_config, k
         lambda under, aux: under, data_config, tmp_path / name, pd, tmp_path / f'out_{name}',
         acceleration=8, seed=0, with_data_consistency=True)
     np.testing.assert_array_equal(result.mask, np.broadcast_to(line_mask, full.shape[1:]))
-    np.testing.assert_allclose(result.zero_filled, fastmri.image_from_kspace(measured, 32),
+    np.testing.assert_allclose(result.zero_filled, kspace.zero_filled(measured, size=32),
                                rtol=1e-6)
     # The zero-filled image is its own data-consistent version: the full-grid step keeps it.
     np.testing.assert_allclose(result.image, result.zero_filled,
@@ -240,19 +241,19 @@ def cli_inputs(tmp_path):
 
 def test_cli(tmp_path, capsys, knee, cli_inputs):
   common, t1, t2 = cli_inputs
-  assert cli.reconstruct_main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration', '4',
+  assert reconstruct_cli.main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration', '4',
                                '--out', str(tmp_path / 'recon.nii.gz')]) == 0
   printed = capsys.readouterr().out
   assert 'recon.nii.gz (3 slices of 32x32' in printed and 'recon_mask.npy' in printed
   assert 'zero-filled' in printed and 'dB' in printed
   pd, pdfs = knee
-  assert cli.reconstruct_main([*common, '--kspace', str(pdfs), '--reference', str(pd),
+  assert reconstruct_cli.main([*common, '--kspace', str(pdfs), '--reference', str(pd),
                                '--acceleration', '4', '--data-consistency',
                                '--out', str(tmp_path / 'knee.h5')]) == 0
   assert (tmp_path / 'knee_mask.npy').is_file()
-  assert cli.reconstruct_main([*common, '--t1', str(t1), '--kspace', str(pdfs),
+  assert reconstruct_cli.main([*common, '--t1', str(t1), '--kspace', str(pdfs),
                                '--out', str(tmp_path / 'x.nii.gz')]) == 2
-  assert cli.reconstruct_main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration',
+  assert reconstruct_cli.main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration',
                                '4', '--out', str(tmp_path / 'recon.nii.gz')]) == 2
   errors = capsys.readouterr().err
   assert 'fsmnet-reconstruct: error: --t2 goes with --t1, --kspace with --reference' in errors
@@ -265,7 +266,7 @@ def test_sigterm_while_writing_keeps_the_old_outputs_whole(tmp_path, capsys, mon
   common, t1, t2 = cli_inputs
   out = tmp_path / 'out' / 'recon.nii.gz'
   arguments = [*common, '--t1', str(t1), '--t2', str(t2), '--out', str(out)]
-  assert cli.reconstruct_main([*arguments, '--acceleration', '4']) == 0
+  assert reconstruct_cli.main([*arguments, '--acceleration', '4']) == 0
   before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
   assert sorted(before) == ['recon.nii.gz', 'recon_mask.npy']
   save = np.save
@@ -275,7 +276,7 @@ def test_sigterm_while_writing_keeps_the_old_outputs_whole(tmp_path, capsys, mon
     os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(np, 'save', save_then_sigterm)
-  assert cli.reconstruct_main([*arguments, '--acceleration', '8', '--overwrite']) == 143
+  assert reconstruct_cli.main([*arguments, '--acceleration', '8', '--overwrite']) == 143
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       'fsmnet-reconstruct: stopped by SIGTERM; outputs not finished were removed')
   assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

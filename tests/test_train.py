@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default, tiny
+from fsmnet_jax.configs import default, tiny
 from fsmnet_jax import inference, train
 from fsmnet_jax.data.pipeline import SliceRecord
 from fsmnet_jax.model import FSMNet

@@ -45,7 +45,7 @@ def cli_env(devices: int, cache: Path) -> dict[str, str]:
 
 def cli_command(workdir: Path, data_root: Path, *overrides: str, config: str = 'tiny'
                 ) -> list[str]:
-  return [sys.executable, '-m', 'fsmnet_jax.main', '--config', str(REPO / f'configs/{config}.py'),
+  return [sys.executable, '-m', 'fsmnet_jax.cli.train', '--config', str(REPO / f'configs/{config}.py'),
           '--workdir', str(workdir), f'--config.data.root={data_root}', *TINY, *overrides]
 
 

@@ -1,15 +1,19 @@
-"""Reading reference PyTorch checkpoints safely, and writing `.pth` / `.safetensors`."""
+"""Reading reference PyTorch checkpoints safely (as Flax parameters too), and writing `.pth` /
+`.safetensors`."""
 
 import collections
 import os
 import pickle
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
+from fsmnet_jax import inference
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.files import write_atomically
+from fsmnet_jax.model import FSMNet
+from torch_port import convert
 
 # Where training scripts commonly nest the state_dict inside a saved dict.
 NESTING_KEYS = ('network', 'state_dict', 'model', 'model_state_dict', 'net', 'params')
@@ -48,6 +52,19 @@ def load_state_dict(path: str | os.PathLike) -> 'collections.OrderedDict[str, to
       raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (truncated or corrupt?): '
                             f'{str(e).splitlines()[0].split(". ")[0][:200]}') from e
   return _state_dict_from(loaded, path)
+
+
+def load_params(path: str | os.PathLike, model: FSMNet | None = None, use_spa_att: bool = False
+                ) -> tuple[dict[str, Any], FSMNet]:
+  """(Flax params, model) of a reference PyTorch checkpoint file, converted; checked as
+  `fsmnet_jax.inference.load_params` checks orbax checkpoints."""
+  path = Path(path)
+  state_dict = load_state_dict(path)
+  try:
+    variables = convert.torch_to_flax(state_dict, model)
+  except convert.ConversionError as e:
+    raise CheckpointError(f'{path}: {e}') from e
+  return inference.check_params(path, variables['params'], model, use_spa_att)
 
 
 def _is_zip_or_pickle(path: Path) -> bool:

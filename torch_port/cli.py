@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fsmnet_jax.checkpoint import CheckpointError, load_variables, save_variables
-from fsmnet_jax.cli import run_command
+from fsmnet_jax.cli.common import run_command
 from fsmnet_jax.model import count_params
 from torch_port.checkpoint import load_state_dict, save_state_dict
 from torch_port.convert import (ConversionError, flax_to_torch, infer_model,
@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='fsmnet-convert', description=__doc__,
       epilog='Every command prints the parameter count and runs a parity check of the two '
-             'frameworks on random inputs (float64 and float32; see README "Coming from PyTorch").')
+             'frameworks on random inputs (float64 and float32; see docs/from-pytorch.md).')
   parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
   commands = parser.add_subparsers(dest='command', required=True)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fsmnet_jax.data import DataError
-from fsmnet_jax.files import write_atomically
+from fsmnet_jax.data import DataError, transforms
+from fsmnet_jax.files import default_cache_dir, write_atomically
 
 # Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
 MIN_SLICE_SIZE = 8
@@ -107,19 +107,6 @@ def robust_scale(volume: np.ndarray, percentile: float, path: Path) -> np.ndarra
   return np.clip(volume / intensity_scale(volume, percentile, path), 0, 1).astype(np.float32)
 
 
-def fit_to_size(slices: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """Center-crops or zero-pads the last two axes to size x size (or to (rows, cols))."""
-  shape = (size, size) if isinstance(size, int) else tuple(size)
-  out = np.zeros(slices.shape[:-2] + shape, slices.dtype)
-  src, dst = [], []
-  for length, wanted in zip(slices.shape[-2:], shape):
-    keep = min(length, wanted)
-    src.append(slice((length - keep) // 2, (length - keep) // 2 + keep))
-    dst.append(slice((wanted - keep) // 2, (wanted - keep) // 2 + keep))
-  out[..., dst[0], dst[1]] = slices[..., src[0], src[1]]
-  return out
-
-
 def load_subject(subject: Subject, image_size: int, percentile: float = 99.5
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(t1, t2) as (slices, image_size, image_size) float32 in [0, 1]."""
@@ -127,13 +114,8 @@ def load_subject(subject: Subject, image_size: int, percentile: float = 99.5
   if t1.shape != t2.shape:
     raise DataError(f'{subject.t1} and {subject.t2}: T1 and T2 differ in shape '
                     f'({t1.shape} vs {t2.shape}); register them to one grid first')
-  return (fit_to_size(robust_scale(t1, percentile, subject.t1), image_size),
-          fit_to_size(robust_scale(t2, percentile, subject.t2), image_size))
-
-
-def default_cache_dir() -> Path:
-  """$XDG_CACHE_HOME/fsmnet-jax (~/.cache/fsmnet-jax): never inside the data folder."""
-  return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'fsmnet-jax'
+  return (transforms.fit_to_size(robust_scale(t1, percentile, subject.t1), image_size),
+          transforms.fit_to_size(robust_scale(t2, percentile, subject.t2), image_size))
 
 
 def cached_subject(subject: Subject, image_size: int, percentile: float,

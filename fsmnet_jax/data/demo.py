@@ -1,21 +1,18 @@
-"""fsmnet-make-demo-data: a small synthetic multi-contrast data set in the real file formats.
+"""A small synthetic multi-contrast data set in the real file formats.
 
 Writes a BraTS-layout folder of NIfTI volumes (T1/T2, stored like BraTS: int16, LPS affine) and
 fastMRI-format single-coil knee files (PD/PDFS k-space, `reconstruction_esc`, ISMRMRD header)
 with a pairs CSV. Deterministic from the seed.
 """
 
-import argparse
 import csv
-import sys
 from pathlib import Path
 
 import h5py
 import nibabel as nib
 import numpy as np
 
-from fsmnet_jax.cli import run_command
-from fsmnet_jax.data import fastmri, kspace
+from fsmnet_jax.data import kspace
 from fsmnet_jax.data.phantoms import head_phantom
 from fsmnet_jax.files import write_atomically
 
@@ -59,7 +56,7 @@ def _write_knee_h5(path: Path, images: np.ndarray, crop: int, acquisition: str) 
   rows = np.linspace(-1, 1, height)[:, None]
   phase = np.exp(1j * np.pi * 0.3 * (rows + 0.5 * np.linspace(-1, 1, width)[None]))
   volume_kspace = kspace.fft2c(images * phase).astype(np.complex64)
-  reconstruction = fastmri.image_from_kspace(volume_kspace, crop)
+  reconstruction = kspace.zero_filled(volume_kspace, size=crop)
 
   def write(tmp: Path) -> None:
     with h5py.File(tmp, 'w') as f:
@@ -102,27 +99,3 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, num_subjects: int = 8,
   write_brats(out_dir / 'brats', num_subjects, image_size, num_slices, rng)
   write_fastmri(out_dir / 'fastmri', num_knee_pairs, image_size, num_slices, rng)
   return out_dir
-
-
-def _make(args: argparse.Namespace) -> int:
-  out = make_demo_data(args.out_dir, args.seed, args.subjects, args.knee_pairs, args.image_size,
-                       args.slices)
-  print(f'wrote {args.subjects} BraTS-layout subjects to {out / "brats"} and '
-        f'{args.knee_pairs} fastMRI-format PD/PDFS pairs to {out / "fastmri"}')
-  return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='fsmnet-make-demo-data', description=__doc__)
-  parser.add_argument('out_dir', type=Path, help='new (or empty) folder to write into')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--subjects', type=int, default=8, help='BraTS-layout subjects')
-  parser.add_argument('--knee-pairs', type=int, default=4, help='fastMRI-format PD/PDFS pairs')
-  parser.add_argument('--image-size', type=int, default=64, help='in-plane size of every volume')
-  parser.add_argument('--slices', type=int, default=16, help='slices per volume')
-  parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
-  return run_command('fsmnet-make-demo-data', parser, _make, argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fsmnet_jax.data import DataError, kspace
+from fsmnet_jax.data import DataError
 
 ISMRMRD_NAMESPACE = {'m': 'http://www.ismrm.org/ISMRMRD'}
 
@@ -83,20 +83,3 @@ def read_kspace_slice(path: Path, index: int) -> np.ndarray:
   if not np.isfinite(values).all():
     raise DataError(f'{path}: slice {index} holds NaN/inf k-space samples')
   return values
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Crops the last two axes to at most size x size around the centre."""
-  rows, cols = image.shape[-2:]
-  h, w = min(rows, size), min(cols, size)
-  top, left = (rows - h) // 2, (cols - w) // 2
-  return image[..., top:top + h, left:left + w]
-
-
-def image_from_kspace(slice_kspace: np.ndarray, crop: int, mask: np.ndarray | None = None
-                      ) -> np.ndarray:
-  """|IFFT(mask * kspace)| center-cropped to `crop` (over the last two axes, so slices or
-  volumes): the zero-filled image when masked, the fully-sampled one without a mask. Masks act
-  on the measured (uncropped) k-space."""
-  sampled = slice_kspace if mask is None else slice_kspace * mask
-  return center_crop(np.abs(kspace.ifft2c(sampled)), crop).astype(np.float32)

@@ -1,10 +1,12 @@
-"""Centered orthonormal 2-D FFTs (numpy and jnp) and zero-filled undersampling of images.
+"""Centered orthonormal 2-D FFTs (numpy and jnp) and the zero-filled image of measured k-space.
 
 Images are (..., H, W); k-space has its DC at the centre (fftshift convention of fastMRI).
 """
 
 import jax.numpy as jnp
 import numpy as np
+
+from fsmnet_jax.data import transforms
 
 SPATIAL_AXES = (-2, -1)
 
@@ -34,23 +36,11 @@ def ifft2c_jnp(kspace: jnp.ndarray) -> jnp.ndarray:
                           axes=SPATIAL_AXES)
 
 
-def to_complex(real_imag: np.ndarray) -> np.ndarray:
-  """Complex array from fastMRI's real layout (..., 2) holding (real, imaginary)."""
-  if real_imag.shape[-1] != 2:
-    raise ValueError(f'expected a last axis of 2 (real, imaginary); got shape {real_imag.shape}')
-  return real_imag[..., 0] + 1j * real_imag[..., 1]
-
-
-def to_real_imag(values: np.ndarray) -> np.ndarray:
-  """fastMRI's real layout (..., 2) of a complex array."""
-  return np.stack([values.real, values.imag], axis=-1)
-
-
-def zero_filled(kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Magnitude image of the masked k-space (unmeasured entries set to zero)."""
-  return np.abs(ifft2c(kspace * mask)).astype(np.float32)
-
-
-def undersample(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """|IFFT(mask * FFT(image))|: the zero-filled image a scan measuring only `mask` would give."""
-  return zero_filled(fft2c(image), mask)
+def zero_filled(kspace: np.ndarray, mask: np.ndarray | None = None, size: int | None = None
+                ) -> np.ndarray:
+  """|IFFT(mask * kspace)|: the zero-filled image of the measured samples (the fully-sampled
+  image without `mask`), centre-cropped (or padded) to size x size if given. Masks act on the
+  measured, uncropped grid."""
+  sampled = kspace if mask is None else kspace * mask
+  image = np.abs(ifft2c(sampled)).astype(np.float32)
+  return image if size is None else transforms.fit_to_size(image, size)

@@ -9,6 +9,7 @@ The 2-D variable-density masks serve the BraTS experiments.
 import contextlib
 from typing import Optional, Sequence, Union
 
+import ml_collections
 import numpy as np
 
 Seed = Optional[Union[int, tuple[int, ...]]]
@@ -250,3 +251,16 @@ def poisson_disc_mask(image_shape: tuple[int, int], acceleration: float,
       break
     r0 *= np.sqrt(mask.sum() / target)
   return best.astype(np.float32)
+
+
+def sampling_mask(config: ml_collections.ConfigDict, shape: tuple[int, int], seed) -> np.ndarray:
+  """The (rows, cols) k-space mask of `config.mask_type`: a fastMRI type samples whole lines
+  at positions along `config.mask_axis` (1: columns, fastMRI's phase encoding); 'gaussian' is
+  the 2-D variable-density random mask, 'poisson' the 2-D variable-density Poisson-disc one."""
+  if config.mask_type == 'gaussian':
+    return gaussian_mask(shape, config.acceleration, config.center_fraction, seed=seed)
+  if config.mask_type == 'poisson':
+    return poisson_disc_mask(shape, config.acceleration, config.center_fraction, seed=seed)
+  mask_func = create_mask_for_mask_type(config.mask_type, [config.center_fraction],
+                                        [config.acceleration])
+  return cartesian_mask(mask_func, shape, axis=config.mask_axis, seed=seed)

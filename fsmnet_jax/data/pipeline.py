@@ -114,25 +114,12 @@ class KneeSlices(grain.RandomAccessDataSource):
   def __getitem__(self, i: int) -> dict:
     pair, index = self._records[i]
     target_kspace = fastmri.read_kspace_slice(pair.pdfs, index)
-    aux = fastmri.image_from_kspace(fastmri.read_kspace_slice(pair.pd, index), self._size)
-    return {'target': fastmri.image_from_kspace(target_kspace, self._size), 'aux': aux,
+    aux = kspace.zero_filled(fastmri.read_kspace_slice(pair.pd, index), size=self._size)
+    return {'target': kspace.zero_filled(target_kspace, size=self._size), 'aux': aux,
             'kspace': target_kspace, 'record': self.record(i)}
 
   def __repr__(self) -> str:
     return f'KneeSlices({len(self._pairs)} pairs, {len(self._records)} slices, size {self._size})'
-
-
-def sampling_mask(config: ml_collections.ConfigDict, shape: tuple[int, int], seed) -> np.ndarray:
-  """The (rows, cols) k-space mask of `config.mask_type`: a fastMRI type samples whole lines
-  at positions along `config.mask_axis` (1: columns, fastMRI's phase encoding); 'gaussian' is
-  the 2-D variable-density random mask, 'poisson' the 2-D variable-density Poisson-disc one."""
-  if config.mask_type == 'gaussian':
-    return masks.gaussian_mask(shape, config.acceleration, config.center_fraction, seed=seed)
-  if config.mask_type == 'poisson':
-    return masks.poisson_disc_mask(shape, config.acceleration, config.center_fraction, seed=seed)
-  mask_func = masks.create_mask_for_mask_type(config.mask_type, [config.center_fraction],
-                                              [config.acceleration])
-  return masks.cartesian_mask(mask_func, shape, axis=config.mask_axis, seed=seed)
 
 
 class Undersample(grain.RandomMapTransform):
@@ -150,13 +137,13 @@ class Undersample(grain.RandomMapTransform):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     record = element['record']
     seed = tuple(map(ord, record.volume)) if self._fixed else int(rng.integers(2**31))
-    mask = sampling_mask(self._config, element['kspace'].shape, seed)
+    mask = masks.sampling_mask(self._config, element['kspace'].shape, seed)
     size = element['target'].shape[0]
-    under = fastmri.image_from_kspace(element['kspace'], size, mask)
+    under = kspace.zero_filled(element['kspace'], mask, size)
     example = transforms.normalize_example(under, element['target'], element['aux'])
     # On the image's own k-space grid: exact for BraTS; for fastMRI the measured k-space
     # cropped like the image.
-    image_mask = fastmri.center_crop(mask, size)
+    image_mask = transforms.fit_to_size(mask, size)
     return {**{k: example[k][..., None] for k in ('target_under', 'aux', 'target')},
             'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std'],
             'key': np.int64(record.key)}

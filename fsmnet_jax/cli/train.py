@@ -17,8 +17,8 @@ import jax
 from ml_collections import config_flags
 
 from fsmnet_jax import train
-from fsmnet_jax.cli import run_absl_app, run_reporting_errors
-from fsmnet_jax.reporting import quiet_orbax_logs
+from fsmnet_jax.cli.common import run_absl_app, run_reporting_errors
+from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config go here.')

@@ -1,0 +1,168 @@
+"""What the console scripts share: one-line errors with exit codes, signals, flag parsing, and
+loading a trained model with its config.
+
+Exit status 2: the input or the settings are wrong. 1: a run stopped by its data or the machine
+(non-finite training, a full disk). 130/143: interrupted by SIGINT/SIGTERM; outputs being
+written are removed, never left half-written.
+"""
+
+import argparse
+import importlib.util
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from absl import app, flags
+import ml_collections
+
+from fsmnet_jax import configs, inference
+from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.data import DataError
+from fsmnet_jax.model import FSMNet
+from fsmnet_jax.orbax_logs import hide_orbax_logs
+
+CONFIG_DIR = Path(configs.__file__).parent  # the checkout's configs/, installed with the package
+TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+USER_ERRORS = (CheckpointError, DataError, FileExistsError, ValueError)
+RUN_FAULTS = (FloatingPointError, OSError)
+
+
+class _Terminated(BaseException):
+  """SIGTERM, raised like KeyboardInterrupt so that `finally` blocks remove partial outputs."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
+def run_reporting_errors(program: str, command: Callable[[], int | None], debug: bool,
+                         user_errors: tuple[type, ...] = USER_ERRORS) -> int:
+  """`command()`'s exit status (None: 0). Expected errors become one line on stderr and a
+  status (see above); `debug` re-raises them with their traceback. SIGTERM unwinds like
+  Ctrl-C, so an output being written is removed rather than left half-written."""
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    return command() or 0
+  except (KeyboardInterrupt, _Terminated) as e:
+    name = 'SIGINT' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
+    hide_orbax_logs()  # its threads' complaints as the process ends are not news
+    print(f'{program}: stopped by {name}; outputs not finished were removed', file=sys.stderr)
+    return 130 if name == 'SIGINT' else 143
+  except user_errors + RUN_FAULTS as e:
+    if debug:
+      raise
+    hide_orbax_logs()
+    print(f'{program}: error: {e}', file=sys.stderr)
+    return 2 if isinstance(e, user_errors) else 1
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(name: str, parser: argparse.ArgumentParser, command: Callable[..., int],
+                argv: list[str] | None, user_errors: tuple[type, ...] = USER_ERRORS) -> int:
+  """Parses `argv` and runs `command(args)` through `run_reporting_errors`."""
+  args = parser.parse_args(argv)
+  return run_reporting_errors(name, lambda: command(args), args.debug, user_errors)
+
+
+def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
+  """`absl.app.run(main)` for a console script whose flags and usage text are in
+  `module_name`: --help shows them, and exits 0 like argparse's.
+
+  absl takes both from `__main__`, here the console script's stub, and exits 1 after help.
+  """
+  sys.modules['__main__'].__doc__ = sys.modules[module_name].__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  help_asked = any(arg in ('-h', '-?', '--help', '--helpshort', '--helpfull')
+                   for arg in sys.argv[1:])
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except SystemExit as e:
+    if help_asked and e.code == 1:
+      sys.exit(0)
+    raise
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one line instead of a traceback for a --config file that does
+  not load and a --config.key=value that names no key (ml_collections raises those as
+  OSError and AttributeError; absl reports only its own errors)."""
+  try:
+    remaining = app.parse_flags_with_usage(argv)
+    if 'config' in flags.FLAGS:  # a config file that failed to load raises on first use
+      flags.FLAGS.config.to_dict()
+    return remaining
+  except OSError as e:
+    problem = f'--config: {str(e).strip().splitlines()[-1].strip()}'
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps its KeyError
+      e = e.args[0]
+    first, *hint = str(e.args[0] if e.args else e).splitlines()  # 'key' [Did you mean ...?]
+    key = first.strip('"\'\\ ')
+    given = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.') and key in arg]
+    problem = (f'{", ".join(given) or key}: no such config key '
+               f'({" ".join(hint).strip() or "see the configs/*.py file"})')
+  print(f'{Path(argv[0]).name}: error: {problem}', file=sys.stderr)
+  sys.exit(2)
+
+
+def load_config_file(path: Path) -> ml_collections.ConfigDict:
+  """`get_config()` of a configs/*.py file."""
+  if not path.is_file():
+    raise DataError(f'{path}: no such config file')
+  spec = importlib.util.spec_from_file_location(f'fsmnet_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def load_params(checkpoint: Path, model: FSMNet | None = None, use_spa_att: bool = False
+                ) -> tuple[dict[str, Any], FSMNet]:
+  """`inference.load_params`, or for a PyTorch file `torch_port.checkpoint.load_params`."""
+  if checkpoint.suffix not in TORCH_SUFFIXES:
+    return inference.load_params(checkpoint, model, use_spa_att)
+  try:
+    from torch_port import checkpoint as torch_checkpoint  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(f'{checkpoint}: reading PyTorch checkpoints needs torch; install the '
+                          f'extra: pip install "fsmnet-jax[torch]" ({e})') from e
+  return torch_checkpoint.load_params(checkpoint, model, use_spa_att)
+
+
+def load_model(checkpoint: Path, config_file: Path | None, default_config: str
+               ) -> tuple[ml_collections.ConfigDict, dict[str, Any], FSMNet]:
+  """(config, params, model) of a trained model. The config is `config_file` if given, else
+  the training run's config.json when `checkpoint` belongs to one, else configs/DEFAULT.py
+  with the model read off the weights."""
+  if config_file is not None:
+    config = load_config_file(config_file)
+  elif (run_config := inference.run_config_file(checkpoint)) is not None:
+    config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+  else:
+    config = load_config_file(CONFIG_DIR / f'{default_config}.py')
+    params, model = load_params(checkpoint, None, config.model.use_spa_att)
+    return config, params, model
+  params, model = load_params(checkpoint, FSMNet(**config.model))
+  return config, params, model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --config, --overwrite and --debug of the commands that load a model."""
+  parser.add_argument('--checkpoint', type=Path, required=True,
+                      help='training workdir (latest step), step folder, variables folder, or '
+                           'PyTorch .pth/.pt/.safetensors (needs torch)')
+  parser.add_argument('--config', type=Path,
+                      help='configs/*.py file with the model and data settings (default: the '
+                           "run's config.json, else the defaults)")
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace existing outputs (default: refuse)')
+  parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')

@@ -1,0 +1,32 @@
+"""fsmnet-make-demo-data: writes the synthetic demo data set of `fsmnet_jax.data.demo`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from fsmnet_jax.cli.common import run_command
+from fsmnet_jax.data import demo
+
+
+def _make(args: argparse.Namespace) -> int:
+  out = demo.make_demo_data(args.out_dir, args.seed, args.subjects, args.knee_pairs,
+                            args.image_size, args.slices)
+  print(f'wrote {args.subjects} BraTS-layout subjects to {out / "brats"} and '
+        f'{args.knee_pairs} fastMRI-format PD/PDFS pairs to {out / "fastmri"}')
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='fsmnet-make-demo-data', description=demo.__doc__)
+  parser.add_argument('out_dir', type=Path, help='new (or empty) folder to write into')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--subjects', type=int, default=8, help='BraTS-layout subjects')
+  parser.add_argument('--knee-pairs', type=int, default=4, help='fastMRI-format PD/PDFS pairs')
+  parser.add_argument('--image-size', type=int, default=64, help='in-plane size of every volume')
+  parser.add_argument('--slices', type=int, default=16, help='slices per volume')
+  parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+  return run_command('fsmnet-make-demo-data', parser, _make, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,38 @@
+"""The device mesh and batches on it: one `(data, model)` mesh for training, evaluation and
+inference; batches split over `data`, parameters replicated."""
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, model_size: int = 1) -> Mesh:
+  """`devices` (default: all devices of all processes) as a (data, model) mesh whose `model`
+  axis, of `model_size`, is left for model parallelism."""
+  devices = np.array(jax.devices() if devices is None else devices)
+  if model_size < 1 or devices.size % model_size:
+    raise ValueError(f'a model axis of {model_size} must divide the {devices.size} devices')
+  return Mesh(devices.reshape(devices.size // model_size, model_size), ('data', 'model'))
+
+
+def rows(mesh: Mesh) -> NamedSharding:
+  """Arrays split along their first axis (the batch) over the `data` axis."""
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Arrays held whole by every device."""
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: Any, sharding: NamedSharding) -> Any:
+  """This process's rows -> global arrays split over the `data` axis."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def process_count(mesh: Mesh) -> int:
+  """How many processes own devices of `mesh` (1 for a mesh of local devices)."""
+  return len({device.process_index for device in mesh.devices.flat})

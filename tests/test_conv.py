@@ -1,0 +1,117 @@
+"""Tests for conv2d: each path it takes computes the convolution and its gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsmnet_jax.conv import PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS, conv2d
+
+on_cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                                 reason='the XLA:CPU paths of conv2d')
+
+
+def _lax_convolution(x, kernel, groups=1):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', feature_group_count=groups,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _sin_loss(convolve):
+  return lambda x, kernel: jnp.sum(jnp.sin(convolve(x, kernel)))
+
+
+def _normal(rng, shape):
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+def _assert_close_to_largest(ours, theirs, rel=2e-6):
+  # Sums in another order than XLA's own (measured: at most 2.9e-7 of the largest).
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=rel * float(jnp.max(jnp.abs(theirs))))
+
+
+def test_depthwise_is_the_grouped_convolution():
+  rng = np.random.default_rng(0)
+  x, kernel = _normal(rng, (2, 12, 10, 6)), _normal(rng, (3, 3, 1, 6))
+  ours = lambda x, k: conv2d(x, k, feature_group_count=6)
+  grouped = lambda x, k: _lax_convolution(x, k, groups=6)
+  # Nine products summed in another order: float32 rounding only (measured <= 1e-6).
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), grouped(x, kernel), atol=2e-6)
+  for mine, theirs in zip(jax.grad(_sin_loss(ours), (0, 1))(x, kernel),
+                          jax.grad(_sin_loss(grouped), (0, 1))(x, kernel)):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)  # measured 4.4e-7 relative
+
+
+@on_cpu_only
+def test_depthwise_on_cpu_runs_as_shifted_slices():
+  x, kernel = jnp.ones((2, 12, 10, 6)), jnp.ones((3, 3, 1, 6))
+  step = jax.grad(_sin_loss(lambda x, k: conv2d(x, k, feature_group_count=6)), (0, 1))
+  assert ' convolution(' not in jax.jit(step).lower(x, kernel).compile().as_text()
+
+
+def test_grouped_but_not_depthwise_is_the_grouped_convolution():
+  rng = np.random.default_rng(0)
+  x, kernel = _normal(rng, (2, 12, 10, 6)), _normal(rng, (3, 3, 3, 4))
+  np.testing.assert_array_equal(conv2d(x, kernel, feature_group_count=2),
+                                _lax_convolution(x, kernel, groups=2))
+
+
+@pytest.mark.parametrize('shape,kernel_size,per_sample', [
+    ((3, 12, 10, 5), 3, False), ((3, 12, 10, 5), 1, False),  # small images
+    ((2, 72, 72, 2), 3, True), ((2, 72, 72, 2), 1, False),  # no per-sample 1x1 gradients
+    ((1, 72, 72, 2), 3, False), ((2, 64, 64, 2), 3, False)])  # batch 1; not above the threshold
+def test_dense_gradients_are_the_convolution_gradients(shape, kernel_size, per_sample):
+  assert (shape[1] * shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS) == (shape[1] == 72)
+  rng = np.random.default_rng(0)
+  x, kernel = _normal(rng, shape), _normal(rng, (kernel_size, kernel_size, shape[-1], 7))
+  np.testing.assert_array_equal(conv2d(x, kernel), _lax_convolution(x, kernel))
+  ours = jax.grad(_sin_loss(conv2d), (0, 1))
+  # (the per-sample kernel gradient slices the batch; the batched one has no slice)
+  assert (' slice[' in str(jax.make_jaxpr(ours)(x, kernel))) == per_sample
+  expected = jax.grad(_sin_loss(_lax_convolution), (0, 1))(x, kernel)
+  for mine, theirs in zip(ours(x, kernel), expected):
+    _assert_close_to_largest(mine, theirs)
+
+
+@on_cpu_only
+def test_gradients_in_a_loop_are_plain_nhwc_convolutions():
+  """Gradient accumulation scans over micro-batches; inside the loop XLA:CPU does not rewrite
+  its own gradient convolutions into the layout of its fast kernels, so conv2d writes them in
+  that layout itself."""
+  rng = np.random.default_rng(1)
+  micro_batches = _normal(rng, (2, 2, 72, 72, 4))
+  kernels = [_normal(rng, shape) for shape in ((3, 3, 4, 6), (1, 1, 6, 6), (3, 3, 6, 4))]
+
+  def loss(kernels, x):
+    for kernel in kernels:
+      x = conv2d(x, kernel)
+    return jnp.sum(jnp.sin(x))
+
+  def accumulated(kernels, micro_batches):
+    add = lambda total, x: (jax.tree_util.tree_map(jnp.add, total, jax.grad(loss)(kernels, x)),
+                            None)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, kernels)
+    return jax.lax.scan(add, zeros, micro_batches)[0]
+
+  compiled = jax.jit(accumulated).lower(kernels, micro_batches).compile().as_text()
+  convolutions = [line for line in compiled.splitlines() if ' convolution(' in line]
+  # forward, input and kernel gradients of the 3x3 layers at least (XLA may make 1x1 ones dots)
+  assert len(convolutions) >= 2 * 3
+  assert all('dim_labels=b01f_01io->b01f' in line for line in convolutions), convolutions
+  ours = jax.jit(accumulated)(kernels, micro_batches)
+  expected = jax.tree_util.tree_map(jnp.add, *(jax.grad(loss)(kernels, x) for x in micro_batches))
+  for mine, theirs in zip(ours, expected):
+    _assert_close_to_largest(mine, theirs)
+
+
+def test_symbolic_batch_exports_with_the_batched_kernel_gradient():
+  """jax.export with a polymorphic batch cannot compare the batch with 1: no per-sample path."""
+  rng = np.random.default_rng(0)
+  x, kernel = _normal(rng, (2, 72, 72, 2)), _normal(rng, (3, 3, 2, 7))
+  grad = jax.grad(_sin_loss(conv2d), (0, 1))
+  batch, = jax.export.symbolic_shape('b')
+  symbolic_x = jax.ShapeDtypeStruct((batch, 72, 72, 2), jnp.float32)
+  assert ' slice[' not in str(jax.make_jaxpr(grad)(symbolic_x, kernel))
+  exported = jax.export.export(jax.jit(grad))(symbolic_x, kernel)
+  for mine, theirs in zip(exported.call(x, kernel),
+                          jax.grad(_sin_loss(_lax_convolution), (0, 1))(x, kernel)):
+    _assert_close_to_largest(mine, theirs)
