@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from float32_bounds import calibrated_on_avx512
 from fsmnet_jax.model import FSMNet, FSMNetTiny, count_params, init_variables
 
 SIZE = 32
@@ -83,6 +84,7 @@ def test_initial_values_follow_pytorch_defaults(tiny):
   np.testing.assert_array_equal(np.concatenate(temperatures), 1.0)
 
 
+@calibrated_on_avx512
 def test_jit_equals_eager_float32(tiny):
   model, variables = tiny
   inputs = _inputs(seed=1)
