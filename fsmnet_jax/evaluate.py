@@ -75,7 +75,8 @@ class SplitEvaluator:
                split: str = 'test', *, with_data_consistency: bool = False,
                with_images: bool = False, max_batches: int = 0):
     self.source = pipeline.make_source(config, split)
-    processes = mesh_lib.process_count(mesh)
+    mesh_processes = mesh_lib.processes(mesh)
+    processes = len(mesh_processes)
     data_size = mesh.shape['data']
     global_batch = math.ceil(config.eval.batch_size / data_size) * data_size
     self.batch_size = global_batch // processes  # rows of this process in each step
@@ -87,8 +88,7 @@ class SplitEvaluator:
     self._num_batches = math.ceil(math.ceil(len(self.source) / processes) / self.batch_size)
     if max_batches:
       self._num_batches = min(self._num_batches, max_batches)
-    self._first_row = sorted({d.process_index for d in mesh.devices.flat}).index(
-        jax.process_index()) * self.batch_size
+    self._first_row = mesh_processes.index(jax.process_index()) * self.batch_size
     self._rows = mesh_lib.rows(mesh)
     step = functools.partial(eval_step, apply_fn=apply_fn,
                              with_data_consistency=with_data_consistency, with_images=with_images)

@@ -19,8 +19,8 @@ import numpy as np
 
 from fsmnet_jax import checkpoint as ckpt, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.files import default_cache_dir
 from fsmnet_jax.data import kspace, transforms
+from fsmnet_jax.files import default_cache_dir
 from fsmnet_jax.model import FSMNet, infer_model_from_params, init_variables
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')

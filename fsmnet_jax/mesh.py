@@ -33,6 +33,7 @@ def global_batch(local: Any, sharding: NamedSharding) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def process_count(mesh: Mesh) -> int:
-  """How many processes own devices of `mesh` (1 for a mesh of local devices)."""
-  return len({device.process_index for device in mesh.devices.flat})
+def processes(mesh: Mesh) -> list[int]:
+  """The processes that own devices of `mesh`, in order ([this one] for a mesh of local
+  devices)."""
+  return sorted({device.process_index for device in mesh.devices.flat})

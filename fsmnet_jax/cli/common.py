@@ -25,7 +25,6 @@ from fsmnet_jax.model import FSMNet
 from fsmnet_jax.orbax_logs import hide_orbax_logs
 
 CONFIG_DIR = Path(configs.__file__).parent  # the checkout's configs/, installed with the package
-TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
 USER_ERRORS = (CheckpointError, DataError, FileExistsError, ValueError)
 RUN_FAULTS = (FloatingPointError, OSError)
@@ -128,7 +127,7 @@ def load_config_file(path: Path) -> ml_collections.ConfigDict:
 def load_params(checkpoint: Path, model: FSMNet | None = None, use_spa_att: bool = False
                 ) -> tuple[dict[str, Any], FSMNet]:
   """`inference.load_params`, or for a PyTorch file `torch_port.checkpoint.load_params`."""
-  if checkpoint.suffix not in TORCH_SUFFIXES:
+  if checkpoint.suffix not in inference.TORCH_SUFFIXES:
     return inference.load_params(checkpoint, model, use_spa_att)
   try:
     from torch_port import checkpoint as torch_checkpoint  # pylint: disable=import-outside-toplevel
