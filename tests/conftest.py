@@ -59,6 +59,18 @@ def pytest_configure(config):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+# The slowest files (minutes each: fsmnet-train in subprocesses, the full-size model) are handed
+# to the parallel workers first, so that the workers finish together rather than one of them
+# starting a long file when the other is almost done.
+SLOWEST_FILES = ('test_train.py', 'test_train_resume.py', 'test_parity.py', 'test_bench.py',
+                 'test_bad_input.py', 'test_model.py', 'test_inference.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_unconfigure(config):
   if not hasattr(config, 'workerinput'):  # the controller, or a run without workers
     shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)

@@ -49,8 +49,9 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache):
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_root, compile_cache):
   process = subprocess.Popen(
+      # The learning rate of the test above: its compiled step is in the cache.
       cli_command(tmp_path, data_root, '--config.train.num_steps=100000',
-                  '--config.train.checkpoint_every=100000'),
+                  '--config.train.checkpoint_every=100000', '--config.train.learning_rate=1e-3'),
       env=cli_env(1, compile_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, cwd=REPO)
   deadline = time.monotonic() + 600
@@ -174,51 +175,63 @@ def test_skipping_non_finite_steps_names_them_and_stops_a_diverged_run(caplog):
 # The train step itself, in this process (one CPU device).
 
 
-def _one_step(nan_pixel: bool = False, **train_overrides):
-  """(state before, state after, metrics) of one jitted train step of the tiny model."""
+def _train_step(**train_overrides):
+  """(initial state, jitted train step, a random batch) of the tiny model, batch 4."""
   config = tiny.get_config()
   config.train.batch_size = 4
   config.train.update(train_overrides)
   mesh = train.make_mesh(config)
   state = train.create_train_state(config, train.FSMNet(**config.model), mesh)
-  step = jax.jit(train.make_train_step(config))
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
            for k in ('target_under', 'aux', 'target')}
-  if nan_pixel:
-    batch['aux'][2, 7, 9] = np.nan
+  return state, jax.jit(train.make_train_step(config)), batch
+
+
+def _one_step(**train_overrides):
+  """(state before, state after, metrics) of one train step."""
+  state, step, batch = _train_step(**train_overrides)
   return (state, *step(state, batch))
 
 
 @pytest.fixture(scope='module')
-def plain_step():
-  return _one_step()
+def ema_step():
+  """One step with EMA on, its compiled step shared: each compilation costs about a minute."""
+  state, step, batch = _train_step(ema_decay=0.9)
+  return state, step, batch, step(state, batch)
 
 
-def test_a_non_finite_step_changes_nothing_but_the_step_count(plain_step):
-  _, _, plain_metrics = plain_step
-  before, after, metrics = _one_step(nan_pixel=True, ema_decay=0.9)
+def test_a_non_finite_step_changes_nothing_but_the_step_count(ema_step):
+  before, step, batch, (_, plain_metrics) = ema_step
+  batch = {**batch, 'aux': batch['aux'].copy()}
+  batch['aux'][2, 7, 9] = np.nan
+  after, metrics = step(before, batch)
   assert bool(plain_metrics['finite']) and not bool(metrics['finite'])
   # Measured: the loss stays finite here (2.40); the gradient norm is NaN.
   assert not np.isfinite(metrics['grad_norm']) and int(after.step) == 1
   assert_bitwise_equal(after.replace(step=before.step), before)  # params, Adam, EMA, RNG
 
 
-def test_accumulated_gradients_and_ema(plain_step):
-  before, plain, plain_metrics = plain_step
+def test_ema_follows_the_parameters(ema_step):
+  before, _, _, (after, _) = ema_step
+  for ema, old, new in zip(*(jax.tree_util.tree_leaves(t) for t in (
+      after.ema_params, before.params, after.params))):
+    np.testing.assert_allclose(ema, 0.9 * np.asarray(old) + 0.1 * np.asarray(new),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_accumulated_gradients_equal_the_whole_batch(ema_step):
+  _, _, _, (plain, plain_metrics) = ema_step
   _, accumulated, metrics = _one_step(grad_accum_steps=2, ema_decay=0.9)
   np.testing.assert_allclose(metrics['loss'], plain_metrics['loss'], rtol=1e-6)
   # Two half-batch gradients summed instead of one: float32 summation order only (measured
   # relative L2 difference of the parameters after the step 1.0e-6, of the loss 2e-7).
   assert relative_l2(plain.params, accumulated.params) < 1e-5
-  for ema, old, new in zip(*(jax.tree_util.tree_leaves(t) for t in (
-      accumulated.ema_params, before.params, accumulated.params))):
-    np.testing.assert_allclose(ema, 0.9 * np.asarray(old) + 0.1 * np.asarray(new),
-                               rtol=1e-6, atol=1e-9)
+  assert relative_l2(plain.ema_params, accumulated.ema_params) < 1e-5
 
 
-def test_bfloat16_compute_keeps_float32_params_and_loss(plain_step):
-  _, _, plain_metrics = plain_step
+def test_bfloat16_compute_keeps_float32_params_and_loss(ema_step):
+  _, _, _, (_, plain_metrics) = ema_step
   _, bf16, metrics = _one_step(compute_dtype='bfloat16')
   assert metrics['loss'].dtype == np.float32
   assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype('float32')}
