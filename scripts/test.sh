@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 FSMNET_EXTRAS=dev,torch source scripts/setup_env.sh
 # Workers on a GPU machine share the device: allocate memory as needed, not 75% each.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-python -m pytest -n "${FSMNET_TEST_WORKERS:-2}" --dist loadfile "$@"
+# Files go to the workers in the order tests/conftest.py gives (slowest first), not by test count.
+python -m pytest -n "${FSMNET_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

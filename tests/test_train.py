@@ -1,27 +1,23 @@
-"""fsmnet-train end to end on the demo data: learning, SIGTERM, multi-host, clear errors, and
-the train step itself (accumulation, EMA, bf16, schedules).
+"""fsmnet-train end to end on the demo data: learning, SIGTERM, multi-host, clear errors.
 
-Device-count invariance and exact resume are in test_train_resume.py; runs go through the real
-CLI in subprocesses (tests/training_runs.py)."""
+Device-count invariance and exact resume are in test_train_resume.py, the train step itself in
+test_train_step.py; runs go through the real CLI in subprocesses (tests/training_runs.py)."""
 
 import json
 import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from fsmnet_jax.configs import default, tiny
-from fsmnet_jax import inference, train
-from fsmnet_jax.data.pipeline import SliceRecord
+from fsmnet_jax.configs import tiny
+from fsmnet_jax import inference
 from fsmnet_jax.model import FSMNet
 from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
-                           saved_state, assert_bitwise_equal, logged_losses, relative_l2,
-                           assert_same_training)
+                           saved_state, assert_bitwise_equal, logged_losses, assert_same_training)
 
 
 def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache):
@@ -141,110 +137,3 @@ def test_a_diverging_run_stops_naming_the_step_and_its_slices(tmp_path, data_roo
   assert saved_steps(tmp_path) == [1]
   state = saved_state(tmp_path, 1)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state))
-
-
-class _Slices:
-  """A data source's `record` for the guard's messages."""
-
-  def record(self, key):
-    return SliceRecord(key, f'S{key // 10}_t2.nii.gz', key % 10, f'S{key // 10}')
-
-
-def test_skipping_non_finite_steps_names_them_and_stops_a_diverged_run(caplog):
-  guard = train._NonFiniteGuard('skip', 2, _Slices(), Path('/runs/a/checkpoints'))
-  batch = {k: np.zeros((3, 4, 4, 1), np.float32) for k in train.TRAIN_KEYS}
-  batch['aux'][1, 2, 2] = np.nan
-  batch['key'] = np.array([11, 12, 23])
-  with caplog.at_level('WARNING'):
-    guard.watch(1, np.bool_(False), batch)
-    assert not caplog.records  # read only once the next step is queued
-    guard.watch(2, np.bool_(True), batch)
-  assert caplog.messages == [
-      "non-finite loss or gradients at step 1 (this process's batch: S1/S1_t2.nii.gz slice 1, "
-      "2 (non-finite aux); S2/S2_t2.nii.gz slice 3): update skipped"]
-  for step in (3, 4):  # a finite step resets the count: two skips in a row are allowed
-    guard.watch(step, np.bool_(False), batch)
-  guard.flush()
-  guard.watch(5, np.bool_(False), batch)
-  with pytest.raises(train.NonFiniteStepError, match=(
-      r'^non-finite loss or gradients 3 steps in a row, the last at step 5 .*'
-      r"The last checkpoint in /runs/a/checkpoints is intact \(config.train.on_nonfinite='skip'\)")):
-    guard.flush()
-
-
-# The train step itself, in this process (one CPU device).
-
-
-def _train_step(**train_overrides):
-  """(initial state, jitted train step, a random batch) of the tiny model, batch 4."""
-  config = tiny.get_config()
-  config.train.batch_size = 4
-  config.train.update(train_overrides)
-  mesh = train.make_mesh(config)
-  state = train.create_train_state(config, train.FSMNet(**config.model), mesh)
-  rng = np.random.default_rng(0)
-  batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
-           for k in ('target_under', 'aux', 'target')}
-  return state, jax.jit(train.make_train_step(config)), batch
-
-
-def _one_step(**train_overrides):
-  """(state before, state after, metrics) of one train step."""
-  state, step, batch = _train_step(**train_overrides)
-  return (state, *step(state, batch))
-
-
-@pytest.fixture(scope='module')
-def ema_step():
-  """One step with EMA on, its compiled step shared: each compilation costs about a minute."""
-  state, step, batch = _train_step(ema_decay=0.9)
-  return state, step, batch, step(state, batch)
-
-
-def test_a_non_finite_step_changes_nothing_but_the_step_count(ema_step):
-  before, step, batch, (_, plain_metrics) = ema_step
-  batch = {**batch, 'aux': batch['aux'].copy()}
-  batch['aux'][2, 7, 9] = np.nan
-  after, metrics = step(before, batch)
-  assert bool(plain_metrics['finite']) and not bool(metrics['finite'])
-  # Measured: the loss stays finite here (2.40); the gradient norm is NaN.
-  assert not np.isfinite(metrics['grad_norm']) and int(after.step) == 1
-  assert_bitwise_equal(after.replace(step=before.step), before)  # params, Adam, EMA, RNG
-
-
-def test_ema_follows_the_parameters(ema_step):
-  before, _, _, (after, _) = ema_step
-  for ema, old, new in zip(*(jax.tree_util.tree_leaves(t) for t in (
-      after.ema_params, before.params, after.params))):
-    np.testing.assert_allclose(ema, 0.9 * np.asarray(old) + 0.1 * np.asarray(new),
-                               rtol=1e-6, atol=1e-9)
-
-
-def test_accumulated_gradients_equal_the_whole_batch(ema_step):
-  _, _, _, (plain, plain_metrics) = ema_step
-  _, accumulated, metrics = _one_step(grad_accum_steps=2, ema_decay=0.9)
-  np.testing.assert_allclose(metrics['loss'], plain_metrics['loss'], rtol=1e-6)
-  # Two half-batch gradients summed instead of one: float32 summation order only (measured
-  # relative L2 difference of the parameters after the step 1.0e-6, of the loss 2e-7).
-  assert relative_l2(plain.params, accumulated.params) < 1e-5
-  assert relative_l2(plain.ema_params, accumulated.ema_params) < 1e-5
-
-
-def test_bfloat16_compute_keeps_float32_params_and_loss(ema_step):
-  _, _, _, (_, plain_metrics) = ema_step
-  _, bf16, metrics = _one_step(compute_dtype='bfloat16')
-  assert metrics['loss'].dtype == np.float32
-  assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype('float32')}
-  # Measured 7.6e-6 relative at initialisation (the output is mostly the float32 input plus
-  # a small residual); a bfloat16 rounding of everything would be ~4e-3.
-  np.testing.assert_allclose(metrics['loss'], plain_metrics['loss'], rtol=1e-3)
-
-
-@pytest.mark.parametrize('schedule, factor', [('reference', 0.5), ('paper', 0.1),
-                                              ('constant', 1.0)])
-def test_learning_rate_schedules(schedule, factor):
-  config = default.get_config().train
-  config.schedule = schedule
-  lr = train.learning_rate_schedule(config)
-  np.testing.assert_allclose([lr(0), lr(19_999), lr(20_000), lr(40_000)],
-                             np.array([1, 1, factor, factor**2]) * 1e-4, rtol=1e-6)
