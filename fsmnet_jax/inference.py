@@ -21,7 +21,7 @@ from fsmnet_jax import checkpoint as ckpt, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import kspace, transforms
 from fsmnet_jax.files import default_cache_dir
-from fsmnet_jax.model import FSMNet, infer_model_from_params, init_variables
+from fsmnet_jax.model import FSMNet, abstract_params, infer_model_from_params
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
@@ -66,8 +66,7 @@ def check_params(path: Path, params: dict[str, Any], model: FSMNet | None = None
       return params, infer_model_from_params(params, use_spa_att)
     except ValueError as e:
       raise CheckpointError(f'{path}: {e}') from e
-  expected = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-  mismatch = ckpt.describe_mismatch(ckpt.shapes_by_path(expected['params']),
+  mismatch = ckpt.describe_mismatch(ckpt.shapes_by_path(abstract_params(model)),
                                     ckpt.shapes_by_path(params))
   if mismatch:
     raise CheckpointError(f'{path}: its parameters do not fit the configured model '

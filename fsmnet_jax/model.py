@@ -199,6 +199,13 @@ def init_variables(model: FSMNet, rng: jax.Array) -> dict:
   return model.init(rng, dummy, dummy)
 
 
+@functools.lru_cache(maxsize=16)
+def abstract_params(model: FSMNet) -> dict:
+  """`model`'s parameter tree as `jax.ShapeDtypeStruct`s (no compute; traced once per model:
+  tracing the whole model takes seconds). Shared: do not modify it."""
+  return jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))['params']
+
+
 def infer_model_from_params(variables: Mapping[str, Any], use_spa_att: bool = False) -> FSMNet:
   """The `FSMNet` whose parameter tree is `variables['params']` (or `variables`).
 

@@ -23,6 +23,7 @@ from fsmnet_jax.checkpoint import save_variables
 from fsmnet_jax.cli import reconstruct as reconstruct_cli
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.model import FSMNet, init_variables
+from training_runs import SPATIAL_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {'fsmnet-train': ['--workdir', 'unused_workdir'],
@@ -276,7 +277,7 @@ def test_training_data_with_a_corrupt_volume_is_named(tmp_path):
   bad = root / 'brats' / 'DemoBraTS_002' / 'DemoBraTS_002_t1.nii.gz'
   _truncated(bad, bad)
   before = _digests(root)
-  done = _run('fsmnet-train', '--config', str(ROOT / 'configs' / 'tiny.py'),
+  done = _run('fsmnet-train', '--config', str(ROOT / 'configs' / 'tiny.py'), *SPATIAL_ONLY,
               f'--config.data.root={root}', f'--config.data.cache_dir={tmp_path / "cache"}',
               cwd=tmp_path)
   assert done.returncode == 2, done.stderr[-3000:]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import torch
 
-from fsmnet_jax.model import FSMNet, init_variables
+from fsmnet_jax.model import FSMNet, abstract_params
 from fsmnet_jax.model import infer_model_from_params as infer_model_from_flax
 
 # Per block type: regex rewrites from a Flax path inside the block to the torch key suffix.
@@ -75,7 +75,7 @@ def key_map(model: FSMNet) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], 
   """torch key -> (Flax path under 'params', Flax shape, torch shape), in the reference's order."""
   from torch_port.model import TorchFSMNet  # pylint: disable=import-outside-toplevel
 
-  shapes = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))['params']
+  shapes = abstract_params(model)
   entries = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     names = tuple(p.key for p in path)
