@@ -116,6 +116,18 @@ def test_refuses_an_existing_output(config, params, evaluation):
   assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
 
 
+# fsmnet-eval (argv: a file to create, then its flags) whose last figure waits for a signal.
+HOLD_THE_LAST_FIGURE = """
+import sys, time
+from pathlib import Path
+from fsmnet_jax import evaluate
+from fsmnet_jax.cli import eval as eval_cli
+started = Path(sys.argv.pop(1))
+evaluate.plot_psnr_by_position = lambda *args: (started.touch(), time.sleep(600))
+eval_cli.run()
+"""
+
+
 def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, evaluation):
   torch = pytest.importorskip('torch')
   from torch_port.convert import flax_to_torch  # pylint: disable=import-outside-toplevel
@@ -140,13 +152,19 @@ def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, 
   assert again.returncode == 2 and 'already exists' in again.stderr
   assert 'Traceback' not in again.stderr
 
-  # SIGTERM while the replacement is being written: the old report stays whole.
+  # SIGTERM while the replacement is being written: the old report stays whole. The write is
+  # held open at its last figure until the signal (polling for the partial folder alone raced
+  # with a write that took milliseconds).
   before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
-  process = subprocess.Popen([*command, '--overwrite'], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+  writing = tmp_path / 'writing'
+  held = [sys.executable, '-c', HOLD_THE_LAST_FIGURE, str(writing), *command[3:], '--overwrite']
+  process = subprocess.Popen(held, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=tmp_path)
   deadline = time.monotonic() + 300
-  while not list(tmp_path.glob('.partial-*')) and time.monotonic() < deadline:
+  while not writing.exists() and time.monotonic() < deadline:
     time.sleep(0.01)
+  assert list(tmp_path.glob('.partial-*'))
+  writing.unlink()
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 143, stderr[-3000:]
