@@ -14,7 +14,8 @@ import pytest
 
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.data.demo import make_demo_data
-from fsmnet_jax.model import FSMNet, init_variables
+from fsmnet_jax.model import FSMNet
+from training_runs import starting_params
 
 CACHE_VARIABLE = 'FSMNET_TEST_XLA_CACHE'
 
@@ -87,8 +88,7 @@ def compile_cache():
 def initial_params():
   """The tiny model's initial parameters, as create_train_state draws them."""
   config = tiny.get_config()
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  return init_variables(FSMNet(**config.model), init_rng)['params']
+  return starting_params(FSMNet(**config.model), config.seed)
 
 
 @pytest.fixture(scope='module')

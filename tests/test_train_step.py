@@ -11,7 +11,7 @@ import pytest
 from fsmnet_jax.configs import default, tiny
 from fsmnet_jax import losses, train
 from fsmnet_jax.data.pipeline import SliceRecord
-from training_runs import assert_bitwise_equal, relative_l2
+from training_runs import SPATIAL_BRANCH, assert_bitwise_equal, relative_l2
 
 
 class _Slices:
@@ -50,21 +50,18 @@ def _train_step(full_model=False, **train_overrides):
   config.train.batch_size = 4
   config.train.update(train_overrides)
   if not full_model:
-    config.model.update(use_frequency_branch=False, use_fs_fusion=False)
+    config.model.update(SPATIAL_BRANCH)
   mesh = train.make_mesh(config)
   state = train.create_train_state(config, train.FSMNet(**config.model), mesh)
-  return state, jax.jit(train.make_train_step(config)), _batch()
-
-
-def _batch():
   rng = np.random.default_rng(0)
-  return {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
-          for k in ('target_under', 'aux', 'target')}
+  batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
+           for k in ('target_under', 'aux', 'target')}
+  return state, jax.jit(train.make_train_step(config)), batch
 
 
-def _one_step(full_model=False, **train_overrides):
-  """(state before, state after, metrics) of one train step."""
-  state, step, batch = _train_step(full_model, **train_overrides)
+def _one_step(**train_overrides):
+  """(state before, state after, metrics) of one train step of the spatial branch."""
+  state, step, batch = _train_step(**train_overrides)
   return (state, *step(state, batch))
 
 
@@ -106,10 +103,10 @@ def test_accumulated_gradients_equal_the_whole_batch(ema_step):
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   # The whole model: its FFT blocks keep float32 themselves.
-  before, bf16, metrics = _one_step(full_model=True, compute_dtype='bfloat16')
+  before, step, batch = _train_step(full_model=True, compute_dtype='bfloat16')
+  bf16, metrics = step(before, batch)
   assert metrics['loss'].dtype == np.float32
   assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype('float32')}
-  batch = _batch()
   float32_loss, _ = jax.jit(lambda params: losses.reference_loss(before.apply_fn(
       {'params': params}, batch['target_under'], batch['aux']), batch['target']))(before.params)
   # Measured 7.6e-6 relative at initialisation (the output is mostly the float32 input plus

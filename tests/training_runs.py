@@ -29,7 +29,8 @@ TINY = [
     '--config.train.log_every=1', '--config.train.checkpoint_every=1000',
     '--config.eval.every=1000', '--config.train.num_steps=6',
 ]
-SPATIAL_ONLY = ('--config.model.use_frequency_branch=False', '--config.model.use_fs_fusion=False')
+SPATIAL_BRANCH = {'use_frequency_branch': False, 'use_fs_fusion': False}  # config.model keys
+SPATIAL_ONLY = tuple(f'--config.model.{key}={value}' for key, value in SPATIAL_BRANCH.items())
 # Runs that differ only in how the gradient sum is split (1 vs 8 devices, 1 vs 2 processes)
 # differ by float32 summation order. Adam turns the rounding of tiny gradients into whole
 # steps, and the phase branch is discontinuous (a bias before an FFT can flip a DC bin's phase
@@ -108,15 +109,16 @@ def relative_l2(a, b, reference=None) -> float:
 
 
 @functools.cache
-def _initial_params(model: FSMNet, seed: int) -> dict:
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))  # as create_train_state
+def starting_params(model: FSMNet, seed: int) -> dict:
+  """The parameters create_train_state draws for `model` from `config.seed`."""
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
   return init_variables(model, init_rng)['params']
 
 
 def initial_params(workdir: Path) -> dict:
   """The parameters the run in `workdir` started from (its config.json's model and seed)."""
   config = json.loads((workdir / 'config.json').read_text())
-  return _initial_params(FSMNet(**config['model']), config['seed'])
+  return starting_params(FSMNet(**config['model']), config['seed'])
 
 
 def assert_same_training(workdir: Path, other: Path) -> None:
