@@ -1,6 +1,9 @@
 """Stride-1 'same' 2-D convolution, with XLA:CPU workarounds (docs/xla_cpu_convolutions.md)."""
 
+import contextlib
+import contextvars
 import functools
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,32 @@ import jax.numpy as jnp
 # small and the unrolled form costs compile time, so they start above this many pixels.
 PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS = 64 * 64
 
+# The platform whose path conv2d traces alone (see `specialized_for`); None: every path.
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('platform', default=None)
+
+
+def specialized_for(platform: str | None, fn: Callable) -> Callable:
+  """`fn`, with the convolutions it traces taking the path of `platform` (a
+  `jax.Device.platform`) alone. For programs jitted for known devices: staging out every
+  platform's path for lowering to choose (`lax.platform_dependent`) also differentiates and
+  compiles the unused ones' bookkeeping, which doubles the trace and adds half to XLA:CPU's
+  compile time of the training step. None keeps every path (for exports to several platforms).
+  """
+  @functools.wraps(fn)
+  def specialized(*args, **kwargs):
+    with _tracing_for(platform):
+      return fn(*args, **kwargs)
+  return specialized
+
+
+@contextlib.contextmanager
+def _tracing_for(platform: str | None) -> Iterator[None]:
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, feature_group_count: int = 1) -> jax.Array:
   """Stride-1 'same' convolution of NHWC `x` by an odd-sized HWIO `kernel`, NHWC out."""
@@ -16,14 +45,22 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, feature_group_count: int = 1) -> 
   # XLA:CPU is slow at depthwise convolutions and at some gradients of dense ones; GPUs and
   # TPUs keep their native convolution.
   if feature_group_count == x.shape[-1] == kernel.shape[-1] and feature_group_count > 1:
-    return jax.lax.platform_dependent(x, kernel, cpu=_depthwise_by_shifts, default=plain)
+    return _by_platform(x, kernel, cpu=_depthwise_by_shifts, default=plain)
   if feature_group_count == 1:
     per_sample = (kernel.shape[0] > 1 and _known_batch(x) > 1
                   and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS)
-    return jax.lax.platform_dependent(
+    return _by_platform(
         x, kernel, default=plain,
         cpu=functools.partial(_conv_with_explicit_gradients, per_sample_kernel_grad=per_sample))
   return plain(x, kernel)
+
+
+def _by_platform(x: jax.Array, kernel: jax.Array, *, cpu: Callable, default: Callable
+                 ) -> jax.Array:
+  platform = _PLATFORM.get()
+  if platform is None:
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=default)
+  return (cpu if platform == 'cpu' else default)(x, kernel)
 
 
 def _known_batch(x: jax.Array) -> int:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 # Figures are built and saved directly, without pyplot: no display or backend is needed.
 from matplotlib.figure import Figure
 
-from fsmnet_jax import mesh as mesh_lib, metrics
+from fsmnet_jax import conv, mesh as mesh_lib, metrics
 from fsmnet_jax.data import kspace, pipeline, transforms
 from fsmnet_jax.files import refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
@@ -90,8 +90,9 @@ class SplitEvaluator:
       self._num_batches = min(self._num_batches, max_batches)
     self._first_row = mesh_processes.index(jax.process_index()) * self.batch_size
     self._rows = mesh_lib.rows(mesh)
-    step = functools.partial(eval_step, apply_fn=apply_fn,
-                             with_data_consistency=with_data_consistency, with_images=with_images)
+    step = conv.specialized_for(mesh_lib.platform(mesh), functools.partial(
+        eval_step, apply_fn=apply_fn, with_data_consistency=with_data_consistency,
+        with_images=with_images))
     # Every process gets every row's scores (a few floats per slice): global means need them.
     self._step = jax.jit(lambda params, batch: (step(params, batch), batch['valid']),
                          in_shardings=(mesh_lib.replicated(mesh), self._rows),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from fsmnet_jax import conv
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.inference import reconstruct_slices
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet
@@ -28,8 +29,13 @@ def export_inference(model: FSMNet, params: Any, image_size: int, batch_size: in
                      f'{DOWNSAMPLING_FACTOR}')
   batch = export.symbolic_shape('b')[0] if batch_size is None else batch_size
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  function = jax.jit(lambda under, aux: reconstruct_slices(params, under, aux,
-                                                           apply_fn=model.apply))
+  function = lambda under, aux: reconstruct_slices(params, under, aux, apply_fn=model.apply)
+  # Lowered for one platform, the convolutions need only its path; for several, all of theirs.
+  if platforms is None:
+    platform = jax.default_backend()
+  else:
+    platform = platforms[0] if len(platforms) == 1 else None
+  function = jax.jit(conv.specialized_for(platform, function))
   spec = jax.ShapeDtypeStruct((batch, image_size, image_size), jnp.float32)
   return export.export(function, platforms=platforms)(spec, spec)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fsmnet_jax import checkpoint as ckpt, mesh as mesh_lib
+from fsmnet_jax import checkpoint as ckpt, conv, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import kspace, transforms
 from fsmnet_jax.files import default_cache_dir
@@ -121,7 +121,8 @@ class Reconstructor:
     self._rows = mesh_lib.rows(mesh)
     replicated = mesh_lib.replicated(mesh)
     self._params = jax.device_put(params, replicated)
-    self._apply = jax.jit(functools.partial(reconstruct_slices, apply_fn=model.apply),
+    apply = functools.partial(reconstruct_slices, apply_fn=model.apply)
+    self._apply = jax.jit(conv.specialized_for(mesh_lib.platform(mesh), apply),
                           in_shardings=(replicated, self._rows, self._rows),
                           out_shardings=self._rows)
 

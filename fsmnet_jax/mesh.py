@@ -37,3 +37,8 @@ def processes(mesh: Mesh) -> list[int]:
   """The processes that own devices of `mesh`, in order ([this one] for a mesh of local
   devices)."""
   return sorted({device.process_index for device in mesh.devices.flat})
+
+
+def platform(mesh: Mesh) -> str:
+  """The `jax.Device.platform` of the mesh's devices ('cpu', 'gpu', 'tpu')."""
+  return mesh.devices.flat[0].platform

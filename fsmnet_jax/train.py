@@ -24,7 +24,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fsmnet_jax import evaluate, losses, mesh as mesh_lib, optim
+from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import write_atomically
@@ -202,12 +202,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
   return new_state, step_metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict) -> Callable:
-  """`train_step` with the static settings of `config.train` bound (to be jitted)."""
-  return functools.partial(train_step, accum_steps=config.train.grad_accum_steps,
-                           compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
-                           ema_decay=config.train.ema_decay,
-                           schedule=learning_rate_schedule(config.train))
+def make_train_step(config: ml_collections.ConfigDict, platform: str | None) -> Callable:
+  """`train_step` with the static settings of `config.train` bound, to be jitted for devices
+  of `platform` (`mesh.platform`; None: any)."""
+  return conv.specialized_for(platform, functools.partial(
+      train_step, accum_steps=config.train.grad_accum_steps,
+      compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype], ema_decay=config.train.ema_decay,
+      schedule=learning_rate_schedule(config.train)))
 
 
 class _NonFiniteGuard:
@@ -335,8 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       max_batches=config.eval.max_batches)
 
   batch_sharding = mesh_lib.rows(mesh)
-  step_fn = jax.jit(make_train_step(config), in_shardings=(shardings, batch_sharding),
-                    out_shardings=(shardings, None), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(config, mesh_lib.platform(mesh)),
+                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                    donate_argnums=0)
 
   writer = MetricWriter(workdir, enabled=is_chief)
   progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsmnet_jax.conv import PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS, conv2d
+from fsmnet_jax.conv import PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS, conv2d, specialized_for
 
 on_cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu',
                                  reason='the XLA:CPU paths of conv2d')
@@ -46,6 +46,25 @@ def test_depthwise_on_cpu_runs_as_shifted_slices():
   x, kernel = jnp.ones((2, 12, 10, 6)), jnp.ones((3, 3, 1, 6))
   step = jax.grad(_sin_loss(lambda x, k: conv2d(x, k, feature_group_count=6)), (0, 1))
   assert ' convolution(' not in jax.jit(step).lower(x, kernel).compile().as_text()
+
+
+@pytest.mark.parametrize('groups', [1, 6], ids=['dense', 'depthwise'])
+def test_specialized_tracing_stages_out_one_platforms_path(groups):
+  rng = np.random.default_rng(0)
+  x, kernel = _normal(rng, (2, 12, 10, 6)), _normal(rng, (3, 3, 6 // groups, 6))
+  convolve = lambda x, k: conv2d(x, k, feature_group_count=groups)
+  step = jax.value_and_grad(_sin_loss(convolve), (0, 1))
+  traced = lambda f, platform=None: str(jax.make_jaxpr(specialized_for(platform, f))(x, kernel))
+  assert 'platform_index' in traced(convolve) and 'platform_index' in traced(step)
+  for platform in ('cpu', 'gpu'):
+    assert 'platform_index' not in traced(convolve, platform) + traced(step, platform)
+    # The CPU paths are custom_vjp functions, the native one is not.
+    assert ('custom_vjp_call' in traced(convolve, platform)) == (platform == 'cpu')
+  # On this machine the specialized program is the staged-out one, bit for bit.
+  specialized = specialized_for(jax.default_backend(), step)
+  for ours, theirs in zip(jax.tree_util.tree_leaves(jax.jit(specialized)(x, kernel)),
+                          jax.tree_util.tree_leaves(jax.jit(step)(x, kernel))):
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_grouped_but_not_depthwise_is_the_grouped_convolution():

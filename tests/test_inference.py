@@ -147,7 +147,7 @@ def test_data_consistency_restores_measured_lines():
 
 
 SHARDED_RUN = '''
-import sys
+import functools, sys
 import jax, numpy as np
 from fsmnet_jax.configs import tiny
 from fsmnet_jax import inference
@@ -157,9 +157,10 @@ params = init_variables(model, jax.random.key(0))['params']
 under, aux = np.random.default_rng(1).random((2, 6, 32, 32), np.float32)
 reconstructor = inference.Reconstructor(model, params, batch_size=3)
 result = reconstructor(under, aux)
-expected = np.asarray(inference.reconstruct_slices(params, under, aux, apply_fn=model.apply))
-nudged = np.asarray(inference.reconstruct_slices(params, under * np.float32(1 + 1e-7), aux,
-                                                 apply_fn=model.apply))
+on_one_device = jax.jit(functools.partial(inference.reconstruct_slices, params,
+                                          apply_fn=model.apply))
+expected = np.asarray(on_one_device(under, aux))
+nudged = np.asarray(on_one_device(under * np.float32(1 + 1e-7), aux))
 np.savez(sys.argv[1], result=result, expected=expected, nudged=nudged,
          batch_size=reconstructor.batch_size, devices=jax.device_count())
 '''

@@ -9,6 +9,7 @@ import pytest
 
 from float32_bounds import calibrated_on_avx512
 from fsmnet_jax.model import FSMNet, FSMNetTiny, count_params, init_variables
+from training_runs import UNOPTIMIZED_CODE
 
 SIZE = 32
 # The reference's state_dict at the default size: 832 tensors, 14,053,528 numbers.
@@ -119,7 +120,7 @@ def _l1_gradients(model):
     out = model.apply({'params': params}, target_under, aux)
     return jnp.mean(jnp.abs(out['img_out'] - target)) + jnp.mean(jnp.abs(out['img_fre'] - target))
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=UNOPTIMIZED_CODE)
 
 
 @pytest.mark.parametrize('zeros', [False, True], ids=['random', 'all_zero'])

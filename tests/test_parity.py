@@ -17,8 +17,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 # pylint: disable=wrong-import-position
-from float32_bounds import calibrated_on_avx512
+from float32_bounds import HAS_AVX512, UNCALIBRATED
 from fsmnet_jax import blocks
+from fsmnet_jax.conv import specialized_for
 from fsmnet_jax.losses import reference_loss
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.optim import parameter_labels, reference_optimizer
@@ -104,7 +105,7 @@ def test_every_block_matches_in_float32(reference_weights):
   print('worst float32 relative error per block:', {k: f'{v:.1e}' for k, v in worst.items()})
 
 
-@pytest.mark.parametrize('size', [32, 64, 128])
+@pytest.mark.parametrize('size', [32, 128])  # 64 px: check_parity's float64 part, below
 def test_whole_model_float64(reference_weights, size):
   torch_model, state_dict = reference_weights
   variables = torch_to_flax(state_dict)
@@ -117,11 +118,15 @@ def test_whole_model_float64(reference_weights, size):
   assert all(error < FLOAT64_TOLERANCE for error in errors.values()), errors
 
 
-@pytest.mark.parametrize('size', [pytest.param(64, marks=calibrated_on_avx512), 240])
+@pytest.mark.parametrize('size', [64, 240])
 def test_whole_model_float32_within_reference_noise(reference_weights, size):
   torch_model, state_dict = reference_weights
   report = check_parity(torch_model, torch_to_flax(state_dict), FSMNet(), size=size, seed=size)
   print('\n'.join(report.lines()))
+  if report.float64_judged:  # power-of-two sizes
+    assert all(e.max_rel < FLOAT64_TOLERANCE for e in report.float64.values()), report.float64
+  if size == 64 and not HAS_AVX512 and not report.passed:  # after the float64 check
+    pytest.xfail(UNCALIBRATED)
   assert report.passed, '\n'.join(report.lines())
 
 
@@ -160,7 +165,8 @@ def test_gradients_and_one_optimizer_step_float64(reference_weights):
       outputs = model.apply({'params': params}, *(jnp.asarray(x) for x in (target_under, aux)))
       return reference_loss(outputs, jnp.asarray(target))[0]
 
-    value, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    value, grads = jax.jit(specialized_for(jax.default_backend(),
+                                           jax.value_and_grad(loss_fn)))(params)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-12)
     flat_grads = jax.tree_util.tree_leaves_with_path(grads)
     expected_flat = dict(jax.tree_util.tree_leaves_with_path(expected_grads))

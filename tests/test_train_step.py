@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fsmnet_jax.configs import default, tiny
-from fsmnet_jax import losses, train
+from fsmnet_jax import losses, mesh as mesh_lib, train
 from fsmnet_jax.data.pipeline import SliceRecord
-from training_runs import SPATIAL_BRANCH, assert_bitwise_equal, relative_l2
+from training_runs import SPATIAL_BRANCH, UNOPTIMIZED_CODE, assert_bitwise_equal, relative_l2
 
 
 class _Slices:
@@ -56,7 +56,9 @@ def _train_step(full_model=False, **train_overrides):
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
            for k in ('target_under', 'aux', 'target')}
-  return state, jax.jit(train.make_train_step(config)), batch
+  step = jax.jit(train.make_train_step(config, mesh_lib.platform(mesh)),
+                 compiler_options=UNOPTIMIZED_CODE)
+  return state, step, batch
 
 
 def _one_step(**train_overrides):
@@ -108,7 +110,8 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   assert metrics['loss'].dtype == np.float32
   assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype('float32')}
   float32_loss, _ = jax.jit(lambda params: losses.reference_loss(before.apply_fn(
-      {'params': params}, batch['target_under'], batch['aux']), batch['target']))(before.params)
+      {'params': params}, batch['target_under'], batch['aux']), batch['target']),
+                            compiler_options=UNOPTIMIZED_CODE)(before.params)
   # Measured 7.6e-6 relative at initialisation (the output is mostly the float32 input plus
   # a small residual); a bfloat16 rounding of everything would be ~4e-3.
   np.testing.assert_allclose(metrics['loss'], float32_loss, rtol=1e-3)

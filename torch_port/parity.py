@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from fsmnet_jax import conv
 from fsmnet_jax.model import FSMNet
 from torch_port.model import TorchFSMNet
 
@@ -59,7 +60,7 @@ def torch_outputs(model: TorchFSMNet, target_under: np.ndarray, aux: np.ndarray,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model: FSMNet, variables: dict, target_under: jax.Array, aux: jax.Array):
-  return model.apply(variables, target_under, aux)
+  return conv.specialized_for(jax.default_backend(), model.apply)(variables, target_under, aux)
 
 
 def flax_outputs(model: FSMNet, variables: dict, target_under: np.ndarray, aux: np.ndarray,

@@ -82,7 +82,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     matmul = jax.jit(jnp.dot).lower(a, a).compile()
     return _matmul_result(_timed(lambda: matmul(a, a).block_until_ready(), 2, 5), size)
 
-  from fsmnet_jax import train
+  from fsmnet_jax import conv, mesh as mesh_lib, train
   from fsmnet_jax.model import FSMNet
   config = default.get_config()
   config.model.update(MODELS[spec.model])
@@ -100,9 +100,9 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     state = train.create_train_state(config, model, mesh, params)
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     batch = {'target_under': under, 'aux': aux, 'target': target}
-    compiled = jax.jit(train.make_train_step(config), in_shardings=(shardings, data),
-                       out_shardings=(shardings, None), donate_argnums=0
-                       ).lower(state, batch).compile()
+    step = train.make_train_step(config, mesh_lib.platform(mesh))
+    compiled = jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, None),
+                       donate_argnums=0).lower(state, batch).compile()
 
     def run():
       nonlocal state
@@ -113,7 +113,8 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), tree)
     variables = jax.device_put(cast({'params': params}), NamedSharding(mesh, P()))
     under, aux = cast((under, aux))
-    compiled = jax.jit(model.apply).lower(variables, under, aux).compile()
+    apply = conv.specialized_for(mesh_lib.platform(mesh), model.apply)
+    compiled = jax.jit(apply).lower(variables, under, aux).compile()
     run = lambda: jax.block_until_ready(compiled(variables, under, aux))
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
