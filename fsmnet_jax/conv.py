@@ -19,9 +19,9 @@ _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('platform
 def specialized_for(platform: str | None, fn: Callable) -> Callable:
   """`fn`, with the convolutions it traces taking the path of `platform` (a
   `jax.Device.platform`) alone. For programs jitted for known devices: staging out every
-  platform's path for lowering to choose (`lax.platform_dependent`) also differentiates and
-  compiles the unused ones' bookkeeping, which doubles the trace and adds half to XLA:CPU's
-  compile time of the training step. None keeps every path (for exports to several platforms).
+  platform's path for lowering to choose (`lax.platform_dependent`) traces and differentiates
+  the unused ones too, ~1.7x the tracing time of the training step. None keeps every path (for
+  exports to several platforms).
   """
   @functools.wraps(fn)
   def specialized(*args, **kwargs):
