@@ -1,9 +1,8 @@
 """Stride-1 'same' 2-D convolution, with XLA:CPU workarounds (docs/xla_cpu_convolutions.md)."""
 
-import contextlib
 import contextvars
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +24,12 @@ def specialized_for(platform: str | None, fn: Callable) -> Callable:
   """
   @functools.wraps(fn)
   def specialized(*args, **kwargs):
-    with _tracing_for(platform):
+    token = _PLATFORM.set(platform)
+    try:
       return fn(*args, **kwargs)
+    finally:
+      _PLATFORM.reset(token)
   return specialized
-
-
-@contextlib.contextmanager
-def _tracing_for(platform: str | None) -> Iterator[None]:
-  token = _PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _PLATFORM.reset(token)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, feature_group_count: int = 1) -> jax.Array:
