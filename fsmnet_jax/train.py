@@ -28,7 +28,7 @@ from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import write_atomically
-from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, init_variables
+from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, abstract_params, init_variables
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -111,15 +111,33 @@ def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: M
   init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if params is None:
     params = init_variables(model, init_rng)['params']
+  state = _new_state(config, model, params, run_rng)
+  shardings = state_shardings(state, mesh, config.train.shard_optimizer_state)
+  return jax.tree_util.tree_map(_place, state, shardings)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh
+                         ) -> TrainState:
+  """create_train_state's shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s), without
+  computing it: what a resumed run restores into. The initialisation runs op by op, ~35 s of a
+  first start on a new machine for the tiny model (2-core Zen 3); this traces it (2-6 s)."""
+  state = jax.eval_shape(functools.partial(_new_state, config, model), abstract_params(model),
+                         jax.random.PRNGKey(config.seed))
+  shardings = state_shardings(state, mesh, config.train.shard_optimizer_state)
+  return jax.tree_util.tree_map(
+      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      state, shardings)
+
+
+def _new_state(config: ml_collections.ConfigDict, model: FSMNet, params: Any,
+               rng: jax.Array) -> TrainState:
   tx = optim.reference_optimizer(learning_rate_schedule(config.train),
                                  optim.parameter_labels(params, model),
                                  clip_norm=config.train.clip_norm or None, b1=config.train.b1,
                                  b2=config.train.b2, weight_decay=config.train.weight_decay)
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                            ema_params=params if config.train.ema_decay else None, rng=run_rng)
-  state = state.replace(step=jnp.zeros((), jnp.int32))
-  shardings = state_shardings(state, mesh, config.train.shard_optimizer_state)
-  return jax.tree_util.tree_map(_place, state, shardings)
+                            ema_params=params if config.train.ema_decay else None, rng=rng)
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def state_shardings(state: TrainState, mesh: Mesh, shard_optimizer_state: bool) -> TrainState:
@@ -319,17 +337,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_loader = pipeline.make_loader(config, 'train',
                                       config.train.batch_size // jax.process_count(),
                                       source=train_source)
-  state = create_train_state(config, model, mesh)
-  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   checkpoints = TrainCheckpoints(workdir / TRAIN_CHECKPOINT_DIR, config.train.keep_checkpoints,
                                  BEST_METRIC)
   train_batches = iter(train_loader)
   start_step = checkpoints.latest_step()
-  if start_step is not None:
+  if start_step is None:
+    state = create_train_state(config, model, mesh)
+  else:
+    state = abstract_train_state(config, model, mesh)
     checkpoints.check_compatible(start_step, state)
     state, train_batches = checkpoints.restore(start_step, state, train_batches)
     logging.info('resumed from %s at step %d', checkpoints.directory, start_step)
   start_step = start_step or 0
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   if is_chief:
     _save_config(config, workdir, start_step)
   evaluator = evaluate.SplitEvaluator(config, mesh, model.apply,

@@ -307,9 +307,16 @@ def _sigterm_once_the_last_worker_runs(stop: threading.Event) -> None:
       return
 
 
-def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatch, capsys):
+def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatch, capsys,
+                                                           compile_cache):
   pytest.importorskip('torch')
   monkeypatch.setattr(plan, 'plan', lambda *args, **kwargs: list(SMALLEST))
+  # The workers share the session's compilation cache: the weights' initialisation (run op by
+  # op, ~300 small programs) was compiled by other tests already.
+  for name, value in (('JAX_COMPILATION_CACHE_DIR', str(compile_cache)),
+                      ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0'),
+                      ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')):
+    monkeypatch.setenv(name, value)
   # A SIGTERM after the run (from a watcher too late) must not end the test session.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   stop = threading.Event()

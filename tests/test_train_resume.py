@@ -1,19 +1,21 @@
-"""fsmnet-train's runs are one computation however they are stopped: resume after a normal stop
-and after kill -9 (bitwise, optimizer state sharded over 8 devices), a full disk stopping the
-run with its last checkpoint intact, and a checkpoint of another model refused with the workdir
-kept. (1 vs 8 devices and 1 vs 2 processes: test_train.py.)"""
+"""fsmnet-train's runs are one computation however they are stopped or spread: resume after a
+normal stop and after kill -9 (bitwise, optimizer state sharded over 8 devices), a full disk
+stopping the run with its last checkpoint intact, a checkpoint of another model refused with
+the workdir kept, and two processes of 4 devices each training as one process of 8. (1 vs 2
+devices on the whole model: test_train.py.)"""
 
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from training_runs import (REPO, cli_env, cli_command, train_run, saved_steps,
-                           saved_state, assert_bitwise_equal)
+from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
+                           saved_state, assert_bitwise_equal, assert_same_training)
 
 
 @pytest.fixture(scope='module')
@@ -29,9 +31,8 @@ def reference_run(tmp_path_factory, data_root, compile_cache):
 def three_steps_on_8_devices(tmp_path_factory, data_root, compile_cache):
   """The reference run stopped after three steps (a checkpoint after each)."""
   workdir = tmp_path_factory.mktemp('three_steps')
-  train_run(workdir, data_root, compile_cache, '--config.train.num_steps=3',
-            '--config.train.checkpoint_every=1', '--config.train.shard_optimizer_state=True',
-            devices=8)
+  train_run(workdir, data_root, compile_cache, *COMPARED_RUN,
+            '--config.train.shard_optimizer_state=True', devices=8)
   return workdir
 
 
@@ -128,3 +129,30 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, 
   assert sorted((p.relative_to(workdir), p.stat().st_size) for p in workdir.rglob('*')) == before
 
 
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one(tmp_path, data_root, compile_cache, three_steps_on_8_devices):
+  port = _free_port()
+  processes = [
+      subprocess.Popen(
+          cli_command(tmp_path, data_root, *COMPARED_RUN,
+                      '--config.train.shard_optimizer_state=True',
+                      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                      f'--process_id={i}'),
+          env=cli_env(4, compile_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          text=True, cwd=REPO)
+      for i in range(2)]
+  errors = [p.communicate(timeout=900)[1] for p in processes]
+  for process, stderr in zip(processes, errors):
+    assert process.returncode == 0, stderr[-3000:]
+  assert 'process 1 of 2; 4 local and 8 global devices' in errors[1]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints' / '3' / 'data').glob('*.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+  # Not bitwise: gloo sums the gradients in another order than one process does.
+  assert_same_training(tmp_path, three_steps_on_8_devices)
