@@ -46,8 +46,8 @@ def _summary_writer_class() -> type:
   """tensorboardX's SummaryWriter, imported without PyTorch.
 
   tensorboardX imports torch, when installed, only to accept torch tensors (this writes floats):
-  ~5 s of every training process's start (2-core Zen 3). Blocking that import for the moment
-  of tensorboardX's makes it fall back to numpy; torch stays importable afterwards.
+  2.5 s of every training process's start (idle 2-core Zen 3; 5-8 s under load). Blocking that
+  import for the moment of tensorboardX's makes it fall back to numpy; torch stays importable.
   """
   if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
