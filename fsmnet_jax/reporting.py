@@ -49,14 +49,14 @@ def _summary_writer_class() -> type:
   2.5 s of every training process's start (idle 2-core Zen 3; 5-8 s under load). Blocking that
   import for the moment of tensorboardX's makes it fall back to numpy; torch stays importable.
   """
-  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    return SummaryWriter
-  sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
+  blocking = 'torch' not in sys.modules
+  if blocking:
+    sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   finally:
-    del sys.modules['torch']
+    if blocking:
+      del sys.modules['torch']
   return SummaryWriter
 
 
