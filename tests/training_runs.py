@@ -38,8 +38,8 @@ SPATIAL_ONLY = tuple(f'--config.model.{key}={value}' for key, value in SPATIAL_B
 # by pi), so the runs drift apart. Measured on the tiny config, as |params - other| / |params -
 # init|: after 1 step 0.0028-0.0030 (1 vs 8 devices; 4 devices vs 2x2 processes); after 3 steps
 # 0.0026 (1 vs 8) and 0.16 (4 vs 2x2: one such flip at step 2); 1 vs 2 devices (at
-# UNOPTIMIZED_CODE) 0.00026 after 1 step, 0.00037 after 3; the same model trained on other data:
-# 0.85. Losses: equal to 1e-7 at step 1, within 2.2e-4 after. Bounds: ~10x at step 1, 2x at
+# UNOPTIMIZED_CODE) 0.00026 after 1 step, 0.00046 after 3 (0.00037 with Adam's moments
+# sharded); the same model trained on other data: 0.85. Losses: equal to 1e-7 at step 1, within 2.2e-4 after. Bounds: ~10x at step 1, 2x at
 # step 3 of the largest. The spatial branch alone drifts far less: 2e-6 at step 1, 2e-4 at
 # step 3 (4 devices vs 2x2 processes; 8 devices vs 2x4 processes, optimizer state sharded:
 # 2.0e-6 and 1.6e-4, losses equal to 1e-7).

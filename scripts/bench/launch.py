@@ -30,6 +30,16 @@ def save_weights(model: str, path: Path) -> None:
                  env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=True)
 
 
+def xla_flags(inherited: str, devices: int) -> str:
+  """The caller's XLA_FLAGS (XLA options to compare, e.g. `--xla_cpu_use_onednn=true`) with the
+  forced host device count replaced by the spec's."""
+  kept = [flag for flag in inherited.split()
+          if not flag.startswith('--xla_force_host_platform_device_count')]
+  if devices > 1:
+    kept.append(f'--xla_force_host_platform_device_count={devices}')
+  return ' '.join(kept)
+
+
 def run_worker(spec: Spec, weights: Path, cpus: list[int]) -> dict:
   """Runs `spec` in a fresh process; its result, with 'error' set if it failed."""
   env = dict(os.environ)
@@ -38,9 +48,11 @@ def run_worker(spec: Spec, weights: Path, cpus: list[int]) -> dict:
     env['GLIBC_TUNABLES'] = tunables
   else:
     env.pop('GLIBC_TUNABLES', None)
-  env.pop('XLA_FLAGS', None)
-  if spec.devices > 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={spec.devices}'
+  flags = xla_flags(env.get('XLA_FLAGS', ''), spec.devices)
+  if flags:
+    env['XLA_FLAGS'] = flags
+  else:
+    env.pop('XLA_FLAGS', None)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   command = _worker_command('--worker', json.dumps(dataclasses.asdict(spec)), str(weights),
                             ','.join(map(str, cpus)))

@@ -3,19 +3,22 @@
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
+from fsmnet_bench.launch import xla_flags
 from fsmnet_bench.plan import FRAMEWORK_TITLES, FRAMEWORKS
 from fsmnet_jax.files import write_atomically
 
 
 def machine_info(cpus: list[int]) -> dict:
-  """Date, CPU, the CPUs used and the installed versions of Python, jax, flax and torch."""
+  """Date, CPU, the CPUs used, the XLA_FLAGS the JAX workers inherit and the installed versions
+  of Python, jax, flax and torch."""
   info = {'date': datetime.date.today().isoformat(), 'python': platform.python_version(),
           'platform': platform.platform(), 'cpus_used': cpus, 'threads': len(cpus),
-          'cpu_model': _cpu_model()}
+          'cpu_model': _cpu_model(), 'xla_flags': xla_flags(os.environ.get('XLA_FLAGS', ''), 1)}
   for package in ('jax', 'jaxlib', 'flax', 'torch'):
     try:  # the installed version, without importing it (and starting an accelerator) here
       info[package] = importlib.metadata.version(package)
@@ -99,7 +102,8 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
   on = f" and {', '.join(accelerators)} (TF32 float32 arithmetic)" if accelerators else ''
   lines = [f"fsmnet-bench, {info['date']}: {info['cpu_model']}, {info['threads']} threads "
            f"(CPUs {info['cpus_used']}){on}; jax {info['jax']}, flax {info['flax']}, "
-           f"torch {info['torch']}, Python {info['python']}.", '']
+           f"torch {info['torch']}, Python {info['python']}"
+           + (f"; XLA_FLAGS {info['xla_flags']}" if info.get('xla_flags') else '') + '.', '']
   main = [r for r in results if r['spec']['group'] == 'main']
   frameworks = [f for f in FRAMEWORKS if any(r['spec']['framework'] == f
                                               and r['spec']['task'] in ('train', 'infer')
