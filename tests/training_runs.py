@@ -39,10 +39,10 @@ SPATIAL_ONLY = tuple(f'--config.model.{key}={value}' for key, value in SPATIAL_B
 # init|: after 1 step 0.0028-0.0030 (1 vs 8 devices; 4 devices vs 2x2 processes); after 3 steps
 # 0.0026 (1 vs 8) and 0.16 (4 vs 2x2: one such flip at step 2); 1 vs 2 devices (at
 # UNOPTIMIZED_CODE) 0.00026 after 1 step, 0.00046 after 3 (0.00037 with Adam's moments
-# sharded); the same model trained on other data: 0.85. Losses: equal to 1e-7 at step 1, within 2.2e-4 after. Bounds: ~10x at step 1, 2x at
-# step 3 of the largest. The spatial branch alone drifts far less: 2e-6 at step 1, 2e-4 at
-# step 3 (4 devices vs 2x2 processes; 8 devices vs 2x4 processes, optimizer state sharded:
-# 2.0e-6 and 1.6e-4, losses equal to 1e-7).
+# sharded); the same model trained on other data: 0.85. Losses: equal to 1e-7 at step 1,
+# within 2.2e-4 after. Bounds: ~10x at step 1, 2x at step 3 of the largest. The spatial branch
+# alone drifts far less: 2e-6 at step 1, 2e-4 at step 3 (4 devices vs 2x2 processes; 8 devices
+# vs 2x4 processes, optimizer state sharded: 2.0e-6 and 1.6e-4, losses equal to 1e-7).
 STEP_1_DRIFT = 0.03
 STEP_3_DRIFT = 0.3
 LOSS_RTOL = 1e-3
@@ -57,13 +57,11 @@ COMPARED_RUN = ('--config.train.num_steps=3', '--config.train.checkpoint_every=1
 UNOPTIMIZED_CODE = {'xla_backend_optimization_level': 0}  # jax.jit's compiler_options
 
 
-def cli_env(devices: int, cache: Path) -> dict[str, str]:
+def cli_env(devices: int) -> dict[str, str]:
+  """The environment of a run on `devices` CPU devices (with conftest's compilation cache)."""
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} '
-                       + ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items()),
-          'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+                       + ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items())}
 
 
 def cli_command(workdir: Path, data_root: Path, *overrides: str, full_model: bool = False
@@ -73,9 +71,9 @@ def cli_command(workdir: Path, data_root: Path, *overrides: str, full_model: boo
           '--workdir', str(workdir), f'--config.data.root={data_root}', *TINY, *model, *overrides]
 
 
-def train_run(workdir, data_root, cache, *overrides, devices=1, check=True, full_model=False):
+def train_run(workdir, data_root, *overrides, devices=1, check=True, full_model=False):
   result = subprocess.run(cli_command(workdir, data_root, *overrides, full_model=full_model),
-                          env=cli_env(devices, cache), capture_output=True, text=True,
+                          env=cli_env(devices), capture_output=True, text=True,
                           timeout=900, cwd=REPO)
   if check and result.returncode:
     raise AssertionError(f'fsmnet-train failed ({result.returncode}):\n{result.stderr[-4000:]}')
