@@ -7,6 +7,7 @@ torch is imported lazily so that the JAX-only tests run without the torch extra.
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -51,14 +52,12 @@ def data_root(tmp_path_factory):
 
 def pytest_configure(config):
   """One persistent XLA cache for the session, set before anything compiles: the parallel test
-  workers and every process a test starts (fsmnet-train, fsmnet-eval, benchmark workers, ...)
-  inherit the controller's environment and compile each program once."""
+  workers (which inherit the controller's environment) and the commands they run compile each
+  program once."""
   cache = os.environ.setdefault(CACHE_VARIABLE, tempfile.mkdtemp(prefix='fsmnet-test-xla-'))
-  settings = {'jax_compilation_cache_dir': cache, 'jax_persistent_cache_min_compile_time_secs': 0,
-              'jax_persistent_cache_min_entry_size_bytes': 0}
-  for name, value in settings.items():
-    jax.config.update(name, value)  # this process: jax read its environment when imported
-    os.environ[name.upper()] = str(value)
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 # The slowest files (minutes each: fsmnet-train in subprocesses, the full-size model) are handed
@@ -77,6 +76,12 @@ def pytest_collection_modifyitems(items):
 def pytest_unconfigure(config):
   if not hasattr(config, 'workerinput'):  # the controller, or a run without workers
     shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def compile_cache():
+  """The session's persistent XLA cache folder, for the commands the tests run."""
+  return Path(os.environ[CACHE_VARIABLE])
 
 
 @pytest.fixture(scope='module')

@@ -315,15 +315,19 @@ def _sigterm_once_the_last_worker_runs(stop: threading.Event) -> None:
       return
 
 
-def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatch, capsys):
+def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatch, capsys,
+                                                           compile_cache):
   pytest.importorskip('torch')
   monkeypatch.setattr(plan, 'plan', lambda *args, **kwargs: list(SMALLEST))
-  # The workers share the session's compilation cache (conftest): the weights' initialisation
-  # (run op by op, ~300 small programs) was compiled by other tests already. They inherit
-  # XLA_FLAGS: LLVM's optimisations off, as in the training tests (the JAX workers compile in 106
-  # instead of 127 s for training, ~60 s less in all on a 2-core Zen 3; no figure checked here
-  # depends on it).
-  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
+  # The workers share the session's compilation cache: the weights' initialisation (run op by
+  # op, ~300 small programs) was compiled by other tests already. They inherit XLA_FLAGS: LLVM's
+  # optimisations off, as in the training tests (the JAX workers compile in 106 instead of 127 s
+  # for training, ~60 s less in all on a 2-core Zen 3; no figure checked here depends on it).
+  for name, value in (('JAX_COMPILATION_CACHE_DIR', str(compile_cache)),
+                      ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0'),
+                      ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0'),
+                      ('XLA_FLAGS', '--xla_backend_optimization_level=0')):
+    monkeypatch.setenv(name, value)
   # A SIGTERM after the run (from a watcher too late) must not end the test session.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   stop = threading.Event()

@@ -21,27 +21,27 @@ from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, 
 
 
 @pytest.fixture(scope='module')
-def one_device_run(tmp_path_factory, data_root):
+def one_device_run(tmp_path_factory, data_root, compile_cache):
   """The whole tiny FSMNet on 1 device: three steps with a checkpoint after each."""
   workdir = tmp_path_factory.mktemp('one_device')
-  train_run(workdir, data_root, *COMPARED_RUN, full_model=True)
+  train_run(workdir, data_root, compile_cache, *COMPARED_RUN, full_model=True)
   return workdir
 
 
-def test_one_and_two_devices_train_alike(tmp_path, data_root, one_device_run):
+def test_one_and_two_devices_train_alike(tmp_path, data_root, compile_cache, one_device_run):
   """The whole tiny FSMNet: its phase branch is where float32 rounding matters most. (The
   machinery of more devices and processes, the sharded optimizer state among it, on the
   spatial branch: test_train_resume.py. Sharding Adam's moments here too would double this
   run's compilation: 139 s against 79 s on a 2-core Zen 3.)"""
-  train_run(tmp_path, data_root, *COMPARED_RUN, devices=2, full_model=True)
+  train_run(tmp_path, data_root, compile_cache, *COMPARED_RUN, devices=2, full_model=True)
   assert_same_training(one_device_run, tmp_path)
 
 
-def test_loss_goes_down_on_demo_data(tmp_path, data_root, one_device_run):
+def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache, one_device_run):
   """The 1-device run resumed with other settings (the same train step: no compilation) to
   120 steps."""
   shutil.copytree(one_device_run, tmp_path, dirs_exist_ok=True)
-  train_run(tmp_path, data_root, '--config.train.num_steps=120',
+  train_run(tmp_path, data_root, compile_cache, '--config.train.num_steps=120',
             '--config.train.checkpoint_every=1000', '--config.eval.every=40',
             '--config.train.keep_checkpoints=1', full_model=True)
   losses = logged_losses(tmp_path)
@@ -65,11 +65,11 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, one_device_run):
   assert_bitwise_equal(params, saved_state(tmp_path, 120)['params'])
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_root):
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_root, compile_cache):
   process = subprocess.Popen(
       cli_command(tmp_path, data_root, '--config.train.num_steps=100000',
                   '--config.train.checkpoint_every=100000'),
-      env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=cli_env(1, compile_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, cwd=REPO)
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline:
@@ -92,17 +92,19 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_root):
     (['--config.train.on_nonfinite=ignore'], 1,
      "config.train.on_nonfinite='ignore': use one of stop, skip"),
 ])
-def test_bad_configs_fail_clearly_before_any_work(tmp_path, data_root, overrides, devices,
-                                                  message):
-  result = train_run(tmp_path / 'run', data_root, *overrides, devices=devices, check=False)
+def test_bad_configs_fail_clearly_before_any_work(tmp_path, data_root, compile_cache, overrides,
+                                                  devices, message):
+  result = train_run(tmp_path / 'run', data_root, compile_cache, *overrides, devices=devices,
+                     check=False)
   assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
-def test_a_workdir_that_cannot_be_written_fails_before_any_work(tmp_path, data_root):
+def test_a_workdir_that_cannot_be_written_fails_before_any_work(tmp_path, data_root,
+                                                               compile_cache):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
-  result = train_run(blocker / 'run', data_root, check=False)
+  result = train_run(blocker / 'run', data_root, compile_cache, check=False)
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1] == (
       f'fsmnet-train: error: --workdir {blocker / "run"}: cannot write checkpoints there '
@@ -110,10 +112,11 @@ def test_a_workdir_that_cannot_be_written_fails_before_any_work(tmp_path, data_r
   assert blocker.read_text() == 'not a folder'
 
 
-def test_a_diverging_run_stops_naming_the_step_and_its_slices(tmp_path, data_root):
+def test_a_diverging_run_stops_naming_the_step_and_its_slices(tmp_path, data_root,
+                                                             compile_cache):
   # A learning rate of 1e30 (unclipped) makes the parameters ~1e30 after step 1: the forward
   # pass of step 2 overflows.
-  result = train_run(tmp_path, data_root, '--config.train.learning_rate=1e30',
+  result = train_run(tmp_path, data_root, compile_cache, '--config.train.learning_rate=1e30',
                      '--config.train.clip_norm=0', '--config.train.checkpoint_every=1',
                      check=False)
   assert result.returncode == 1, result.stderr[-3000:]

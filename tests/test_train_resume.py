@@ -19,19 +19,20 @@ from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, 
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, data_root):
+def reference_run(tmp_path_factory, data_root, compile_cache):
   """Six uninterrupted steps on 8 devices, optimizer state sharded over them (FSDP-style)."""
   workdir = tmp_path_factory.mktemp('reference')
-  train_run(workdir, data_root, '--config.train.shard_optimizer_state=True', devices=8)
+  train_run(workdir, data_root, compile_cache, '--config.train.shard_optimizer_state=True',
+            devices=8)
   return workdir
 
 
 @pytest.fixture(scope='module')
-def three_steps_on_8_devices(tmp_path_factory, data_root):
+def three_steps_on_8_devices(tmp_path_factory, data_root, compile_cache):
   """The reference run stopped after three steps (a checkpoint after each)."""
   workdir = tmp_path_factory.mktemp('three_steps')
-  train_run(workdir, data_root, *COMPARED_RUN, '--config.train.shard_optimizer_state=True',
-            devices=8)
+  train_run(workdir, data_root, compile_cache, *COMPARED_RUN,
+            '--config.train.shard_optimizer_state=True', devices=8)
   return workdir
 
 
@@ -40,7 +41,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_full_disk_then_a_resume_after_a_normal_stop_is_bitwise_identical(
-    tmp_path, data_root, three_steps_on_8_devices, reference_run):
+    tmp_path, data_root, compile_cache, three_steps_on_8_devices, reference_run):
   workdir = tmp_path / 'run'
   shutil.copytree(three_steps_on_8_devices, workdir)
   checkpoints = workdir / 'checkpoints'
@@ -50,7 +51,7 @@ def test_a_full_disk_then_a_resume_after_a_normal_stop_is_bitwise_identical(
   # checkpoint fail as on a full disk (EFBIG here, ENOSPC there: the same OSError path).
   limit = 500_000
   full = subprocess.run(
-      cli_command(workdir, data_root, *flags), env=cli_env(8), cwd=REPO,
+      cli_command(workdir, data_root, *flags), env=cli_env(8, compile_cache), cwd=REPO,
       capture_output=True, text=True, timeout=900,
       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
   assert full.returncode == 1, full.stderr[-3000:]
@@ -60,7 +61,7 @@ def test_a_full_disk_then_a_resume_after_a_normal_stop_is_bitwise_identical(
   assert 'Traceback' not in full.stderr
   assert {step: _files(checkpoints / str(step)) for step in saved_steps(workdir)} == before
 
-  resumed = train_run(workdir, data_root, *flags[:1], devices=8)
+  resumed = train_run(workdir, data_root, compile_cache, *flags[:1], devices=8)
   assert 'at step 3' in resumed.stderr
   assert saved_steps(workdir) == [2, 3, 6]
   assert_bitwise_equal(saved_state(workdir), saved_state(reference_run))
@@ -74,7 +75,8 @@ def _wait_for(condition, what: str, timeout: float = 600) -> None:
     time.sleep(0.02)
 
 
-def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, reference_run):
+def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, compile_cache,
+                                                     reference_run):
   """Five kill -9s: twice just after a step hands its checkpoint to the asynchronous saver
   (the save, ~2 s here, is cut short), three times at a random moment after a checkpoint
   completed (in a step, or in the next save). After each, every complete checkpoint loads;
@@ -90,7 +92,7 @@ def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, refere
     next_step = (complete[-1] if complete else 0) + 1
     with open(log, 'w') as stderr:
       process = subprocess.Popen(cli_command(tmp_path, data_root, *flags),
-                                 env=cli_env(8), stdout=subprocess.DEVNULL,
+                                 env=cli_env(8, compile_cache), stdout=subprocess.DEVNULL,
                                  stderr=stderr, cwd=REPO)
     if kill in (0, 3):  # during the save of the first step this start trains
       _wait_for(lambda: f'step {next_step}: train' in log.read_text(),
@@ -109,15 +111,17 @@ def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, refere
   # Measured: all five cut a save short (on 8 CPU devices a save takes ~2 of every 2.5 s).
   assert cut_saves >= 2
   assert saved_steps(tmp_path)[-1] < 6
-  train_run(tmp_path, data_root, '--config.train.shard_optimizer_state=True', devices=8)
+  train_run(tmp_path, data_root, compile_cache, '--config.train.shard_optimizer_state=True',
+            devices=8)
   assert_bitwise_equal(saved_state(tmp_path, 6), saved_state(reference_run))
 
 
-def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, reference_run):
+def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, compile_cache,
+                                                           reference_run):
   workdir = tmp_path / 'run'
   shutil.copytree(reference_run, workdir)
   before = sorted((p.relative_to(workdir), p.stat().st_size) for p in workdir.rglob('*'))
-  result = train_run(workdir, data_root, '--config.model.num_features=12',
+  result = train_run(workdir, data_root, compile_cache, '--config.model.num_features=12',
                      '--config.train.shard_optimizer_state=True', devices=8, check=False)
   assert result.returncode == 2, result.stderr[-3000:]
   assert 'of a different model or optimizer' in result.stderr
@@ -133,7 +137,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_as_one(tmp_path, data_root, three_steps_on_8_devices):
+def test_two_processes_train_as_one(tmp_path, data_root, compile_cache, three_steps_on_8_devices):
   port = _free_port()
   processes = [
       subprocess.Popen(
@@ -141,7 +145,7 @@ def test_two_processes_train_as_one(tmp_path, data_root, three_steps_on_8_device
                       '--config.train.shard_optimizer_state=True',
                       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                       f'--process_id={i}'),
-          env=cli_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          env=cli_env(4, compile_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
           text=True, cwd=REPO)
       for i in range(2)]
   errors = [p.communicate(timeout=900)[1] for p in processes]

@@ -57,11 +57,13 @@ COMPARED_RUN = ('--config.train.num_steps=3', '--config.train.checkpoint_every=1
 UNOPTIMIZED_CODE = {'xla_backend_optimization_level': 0}  # jax.jit's compiler_options
 
 
-def cli_env(devices: int) -> dict[str, str]:
-  """The environment of a run on `devices` CPU devices (with conftest's compilation cache)."""
+def cli_env(devices: int, cache: Path) -> dict[str, str]:
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} '
-                       + ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items())}
+                       + ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items()),
+          'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
 def cli_command(workdir: Path, data_root: Path, *overrides: str, full_model: bool = False
@@ -71,9 +73,9 @@ def cli_command(workdir: Path, data_root: Path, *overrides: str, full_model: boo
           '--workdir', str(workdir), f'--config.data.root={data_root}', *TINY, *model, *overrides]
 
 
-def train_run(workdir, data_root, *overrides, devices=1, check=True, full_model=False):
+def train_run(workdir, data_root, cache, *overrides, devices=1, check=True, full_model=False):
   result = subprocess.run(cli_command(workdir, data_root, *overrides, full_model=full_model),
-                          env=cli_env(devices), capture_output=True, text=True,
+                          env=cli_env(devices, cache), capture_output=True, text=True,
                           timeout=900, cwd=REPO)
   if check and result.returncode:
     raise AssertionError(f'fsmnet-train failed ({result.returncode}):\n{result.stderr[-4000:]}')
