@@ -19,6 +19,7 @@ import fsmnet_bench
 from fsmnet_bench import launch, plan, report
 from fsmnet_bench.plan import Spec
 from fsmnet_jax.configs import tiny
+from training_runs import UNOPTIMIZED_FLAGS
 
 INFO = {'date': '2025-01-02', 'python': '3.12.1', 'platform': 'Linux', 'cpus_used': [0, 1],
         'threads': 2, 'cpu_model': 'Test CPU', 'jax': '0.10.2', 'jaxlib': '0.10.2',
@@ -326,7 +327,7 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   for name, value in (('JAX_COMPILATION_CACHE_DIR', str(compile_cache)),
                       ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0'),
                       ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0'),
-                      ('XLA_FLAGS', '--xla_backend_optimization_level=0')):
+                      ('XLA_FLAGS', UNOPTIMIZED_FLAGS)):
     monkeypatch.setenv(name, value)
   # A SIGTERM after the run (from a watcher too late) must not end the test session.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -347,7 +348,7 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   data = json.loads(out.read_text())
   machine, summary, results = data['machine'], data['summary'], data['results']
   assert machine['interrupted'] and machine['threads'] == 1 and machine['total_s'] > 0
-  assert machine['xla_flags'] == '--xla_backend_optimization_level=0'
+  assert machine['xla_flags'] == UNOPTIMIZED_FLAGS
   assert machine['jax'] and machine['flax'] and machine['torch']
   assert [r['spec'] for r in results] == [dataclasses.asdict(s) for s in SMALLEST[:-1]]
   result = {(r['spec']['framework'], r['spec']['task'], r['spec']['batch'], r['spec']['dtype']):

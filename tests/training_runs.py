@@ -55,12 +55,13 @@ COMPARED_RUN = ('--config.train.num_steps=3', '--config.train.checkpoint_every=1
 # compile alike. (Float32 parity with the reference is shown at the default level:
 # test_parity.py.)
 UNOPTIMIZED_CODE = {'xla_backend_optimization_level': 0}  # jax.jit's compiler_options
+UNOPTIMIZED_FLAGS = ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items())
 
 
 def cli_env(devices: int, cache: Path) -> dict[str, str]:
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} '
-                       + ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items()),
+                       + UNOPTIMIZED_FLAGS,
           'JAX_COMPILATION_CACHE_DIR': str(cache),
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
           'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
