@@ -165,6 +165,22 @@ def _place(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def micro_batch_loss(apply_fn: Callable, params: Any, micro_batch: dict[str, jax.Array], *,
+                     compute_dtype: jnp.dtype, rng: jax.Array
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The reference loss and its terms on one micro-batch, the network run in `compute_dtype`.
+
+  Mixed precision: bfloat16 copies of the float32 parameters and inputs; the FFT blocks compute
+  in float32 themselves, and the loss is taken in float32.
+  """
+  cast = lambda x: x.astype(compute_dtype)
+  outputs = apply_fn({'params': jax.tree_util.tree_map(cast, params)},
+                     cast(micro_batch['target_under']), cast(micro_batch['aux']),
+                     rngs={'dropout': rng})
+  outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+  return losses.reference_loss(outputs, micro_batch['target'])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: int,
                compute_dtype: jnp.dtype, ema_decay: float, schedule: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -175,18 +191,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: i
   metrics say `finite` False), so a NaN never reaches the parameters, the optimizer state or a
   checkpoint; the training loop decides whether to go on.
   """
-  step_rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params, micro_batch):
-    # Mixed precision: bfloat16 copies of the float32 parameters and inputs; the FFT blocks
-    # compute in float32 themselves, and the loss is taken in float32.
-    cast = lambda x: x.astype(compute_dtype)
-    outputs = state.apply_fn({'params': jax.tree_util.tree_map(cast, params)},
-                             cast(micro_batch['target_under']), cast(micro_batch['aux']),
-                             rngs={'dropout': step_rng})
-    outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
-    return losses.reference_loss(outputs, micro_batch['target'])
-
+  loss_fn = functools.partial(micro_batch_loss, state.apply_fn, compute_dtype=compute_dtype,
+                              rng=jax.random.fold_in(state.rng, state.step))
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
     (loss, terms), grads = grad_fn(state.params, batch)

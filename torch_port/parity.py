@@ -72,6 +72,12 @@ def flax_outputs(model: FSMNet, variables: dict, target_under: np.ndarray, aux: 
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def _float64_comparable(size: int) -> bool:
+  # At other sizes FFT libraries differ in the sign of ~0 imaginary parts of bins that are real
+  # in exact arithmetic, which flips an angle by 2*pi even in float64.
+  return size & (size - 1) == 0
+
+
 def _envelope(errors: list[dict[str, Error]], name: str) -> Error:
   """The largest of each error measure over the perturbed evaluations of one output."""
   return Error(*(max(getattr(e[name], field) for e in errors)
@@ -88,13 +94,13 @@ class ParityReport:
   an input is the envelope (largest error) over these evaluations, not one of them.
   """
   size: int
-  float64: dict[str, Error]  # Flax f64 vs torch f64
+  float64: dict[str, Error]  # Flax f64 vs torch f64; empty where not compared
   flax_float32: list[dict[str, Error]]  # per perturbation: Flax f32 vs torch f64
   torch_float32: list[dict[str, Error]]  # per perturbation: torch f32 vs torch f64
 
   @property
   def float64_judged(self) -> bool:
-    return self.size & (self.size - 1) == 0
+    return _float64_comparable(self.size)
 
   def float32_ratio(self, name: str) -> float:
     """Flax's float32 error envelope over the reference's, the worse of max-rel and rel-L2."""
@@ -103,21 +109,21 @@ class ParityReport:
 
   @property
   def passed(self) -> bool:
-    float64_ok = not self.float64_judged or all(
-        e.max_rel < FLOAT64_TOLERANCE for e in self.float64.values())
-    return float64_ok and all(self.float32_ratio(k) <= FLOAT32_NOISE_FACTOR for k in self.float64)
+    float64_ok = all(e.max_rel < FLOAT64_TOLERANCE for e in self.float64.values())
+    return float64_ok and all(self.float32_ratio(k) <= FLOAT32_NOISE_FACTOR for k in OUTPUTS)
 
   def lines(self) -> list[str]:
     lines = [f'parity at {self.size}x{self.size} px, same random inputs and weights '
              f'(float32: worst of {len(self.flax_float32)} ulp-perturbed evaluations):']
-    for name in self.float64:
-      lines += [f'  {name}: flax-f64 vs torch-f64: {self.float64[name]}',
-                f'  {name}: flax-f32 vs torch-f64: {_envelope(self.flax_float32, name)}',
+    for name in OUTPUTS:
+      if name in self.float64:
+        lines.append(f'  {name}: flax-f64 vs torch-f64: {self.float64[name]}')
+      lines += [f'  {name}: flax-f32 vs torch-f64: {_envelope(self.flax_float32, name)}',
                 f'  {name}: torch-f32 vs torch-f64 (reference noise): '
                 f'{_envelope(self.torch_float32, name)}',
                 f'  {name}: float32 ratio flax/reference: {self.float32_ratio(name):.2f}']
     criterion = (f'float64 max rel < {FLOAT64_TOLERANCE:g}' if self.float64_judged
-                 else 'float64 not judged (size not a power of two)')
+                 else 'float64 not compared (size not a power of two, docs/parity.md)')
     lines.append(f'  {"PASS" if self.passed else "FAIL"}: {criterion}; float32 error <= '
                  f"{FLOAT32_NOISE_FACTOR:g}x the reference's own float32 noise")
     return lines
@@ -126,14 +132,15 @@ class ParityReport:
 def check_parity(torch_model: TorchFSMNet, variables: dict, model: FSMNet, size: int = 64,
                  batch: int = 1, seed: int = 0,
                  perturbations: tuple[float, ...] = PERTURBATIONS) -> ParityReport:
-  """Compares the two frameworks in float64 and float32 on the same random inputs."""
+  """Compares the two frameworks in float32 on the same random inputs, and in float64 at
+  power-of-two sizes (the only ones where float64 agreement means something)."""
   target_under, aux = random_inputs(batch, size, seed)
-  flax32, torch32 = [], []
+  flax32, torch32, float64 = [], [], {}
   for eps in perturbations:
     inputs = (target_under * (1 + eps), aux * (1 + eps))
     exact = torch_outputs(torch_model, *inputs, torch.float64)
     compare = lambda outputs: {k: Error.between(outputs[k], exact[k]) for k in exact}
-    if eps == 0:
+    if eps == 0 and _float64_comparable(size):
       float64 = compare(flax_outputs(model, variables, *inputs, 'float64'))
     torch32.append(compare(torch_outputs(torch_model, *inputs, torch.float32)))
     flax32.append(compare(flax_outputs(model, variables, *inputs, 'float32')))
