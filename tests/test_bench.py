@@ -19,7 +19,7 @@ import fsmnet_bench
 from fsmnet_bench import launch, plan, report
 from fsmnet_bench.plan import Spec
 from fsmnet_jax.configs import tiny
-from training_runs import UNOPTIMIZED_FLAGS
+from training_runs import UNOPTIMIZED_FLAGS, compile_cache_env
 
 INFO = {'date': '2025-01-02', 'python': '3.12.1', 'platform': 'Linux', 'cpus_used': [0, 1],
         'threads': 2, 'cpu_model': 'Test CPU', 'jax': '0.10.2', 'jaxlib': '0.10.2',
@@ -324,10 +324,7 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   # op, ~300 small programs) was compiled by other tests already. They inherit XLA_FLAGS: LLVM's
   # optimisations off, as in the training tests (the JAX workers compile in 106 instead of 127 s
   # for training, ~60 s less in all on a 2-core Zen 3; no figure checked here depends on it).
-  for name, value in (('JAX_COMPILATION_CACHE_DIR', str(compile_cache)),
-                      ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0'),
-                      ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0'),
-                      ('XLA_FLAGS', UNOPTIMIZED_FLAGS)):
+  for name, value in {**compile_cache_env(compile_cache), 'XLA_FLAGS': UNOPTIMIZED_FLAGS}.items():
     monkeypatch.setenv(name, value)
   # A SIGTERM after the run (from a watcher too late) must not end the test session.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -104,17 +104,17 @@ def test_accumulated_gradients_equal_the_whole_batch(ema_step):
   assert relative_l2(plain.ema_params, accumulated.ema_params) < 1e-5
 
 
-def test_bfloat16_compute_keeps_float32_params_and_loss(initial_params):
+def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_model_and_params):
   before, step, batch = _train_step(compute_dtype='bfloat16')
   bf16, metrics = step(before, batch)
   assert metrics['loss'].dtype == np.float32
   assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype('float32')}
   # The whole model's loss, through the step's own loss function: its FFT blocks keep float32
   # themselves. (Its forward pass alone: the whole train step would compile ~5x longer.)
-  model = train.FSMNet(**tiny.get_config().model)
+  model, params = tiny_model_and_params
   loss = lambda dtype: jax.jit(functools.partial(
       train.micro_batch_loss, model.apply, compute_dtype=dtype, rng=jax.random.key(0)),
-                               compiler_options=UNOPTIMIZED_CODE)(initial_params, batch)[0]
+                               compiler_options=UNOPTIMIZED_CODE)(params, batch)[0]
   bfloat16_loss, float32_loss = loss(jnp.bfloat16), loss(jnp.float32)
   assert bfloat16_loss.dtype == np.float32
   # Measured 7.6e-6 relative at initialisation (the output is mostly the float32 input plus

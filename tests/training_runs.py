@@ -58,13 +58,19 @@ UNOPTIMIZED_CODE = {'xla_backend_optimization_level': 0}  # jax.jit's compiler_o
 UNOPTIMIZED_FLAGS = ' '.join(f'--{key}={value}' for key, value in UNOPTIMIZED_CODE.items())
 
 
+def compile_cache_env(cache: Path) -> dict[str, str]:
+  """Environment variables that make a process read and write every program in `cache`."""
+  return {'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
 def cli_env(devices: int, cache: Path) -> dict[str, str]:
+  """The environment of a run on `devices` CPU devices, sharing the compilation `cache`."""
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CI': 'true',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} '
                        + UNOPTIMIZED_FLAGS,
-          'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+          **compile_cache_env(cache)}
 
 
 def cli_command(workdir: Path, data_root: Path, *overrides: str, full_model: bool = False
