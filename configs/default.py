@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4
   config.train.ema_decay = 0.0  # e.g. 0.999 keeps an EMA of the parameters, used for eval
   config.train.grad_accum_steps = 1  # micro-batches per step (each batch_size / this)
-  config.train.compute_dtype = 'float32'  # 'bfloat16': bf16 convs, fp32 params, loss and FFTs
+  # 'bfloat16': bf16 convs, fp32 params, loss and FFTs; 'float64' (JAX_ENABLE_X64=1): parity
+  config.train.compute_dtype = 'float32'
   config.train.on_nonfinite = 'stop'  # a NaN/inf loss or gradient: 'stop', or 'skip' the update
   config.train.max_consecutive_skips = 10  # 'skip' still stops after this many in a row
   config.train.shard_optimizer_state = False  # FSDP-style: Adam moments split over `data`

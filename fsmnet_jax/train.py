@@ -31,7 +31,8 @@ from fsmnet_jax.files import write_atomically
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, abstract_params, init_variables
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# 'float64' (parameters too; needs JAX_ENABLE_X64=1) is for parity with the reference.
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 SCHEDULE_DECAY = {'reference': 0.5, 'paper': 0.1, 'constant': 1.0}
 NONFINITE_POLICIES = ('stop', 'skip')
 TRAIN_KEYS = ('target_under', 'aux', 'target')
@@ -84,6 +85,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if train.compute_dtype not in COMPUTE_DTYPES:
     problems.append(f'config.train.compute_dtype={train.compute_dtype!r}: use one of '
                     f'{", ".join(COMPUTE_DTYPES)}')
+  elif train.compute_dtype == 'float64' and not jax.config.jax_enable_x64:
+    problems.append("config.train.compute_dtype='float64' needs 64-bit JAX: set "
+                    "JAX_ENABLE_X64=1")
   if train.on_nonfinite not in NONFINITE_POLICIES:
     problems.append(f'config.train.on_nonfinite={train.on_nonfinite!r}: use one of '
                     f'{", ".join(NONFINITE_POLICIES)}')
@@ -99,9 +103,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Step decay: x0.5 ('reference', the code) or x0.1 ('paper') every `decay_every` steps."""
-  return optax.exponential_decay(config.learning_rate, config.decay_every,
-                                 SCHEDULE_DECAY[config.schedule], staircase=True)
+  """Step decay: x0.5 ('reference', the code) or x0.1 ('paper') every `decay_every` steps.
+
+  In JAX's default float type: optax computes it in float32 from an int32 step count, which
+  would round a float64 run's learning rate (2e-3 by 4.8e-8) and every update with it.
+  """
+  schedule = optax.exponential_decay(config.learning_rate, config.decay_every,
+                                     SCHEDULE_DECAY[config.schedule], staircase=True)
+  return lambda step: schedule(jnp.asarray(step, jnp.result_type(float)))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh,
@@ -131,6 +140,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh:
 
 def _new_state(config: ml_collections.ConfigDict, model: FSMNet, params: Any,
                rng: jax.Array) -> TrainState:
+  if config.train.compute_dtype == 'float64':  # parameters and optimizer state too
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
   tx = optim.reference_optimizer(learning_rate_schedule(config.train),
                                  optim.parameter_labels(params, model),
                                  clip_norm=config.train.clip_norm or None, b1=config.train.b1,
@@ -171,13 +182,14 @@ def micro_batch_loss(apply_fn: Callable, params: Any, micro_batch: dict[str, jax
   """The reference loss and its terms on one micro-batch, the network run in `compute_dtype`.
 
   Mixed precision: bfloat16 copies of the float32 parameters and inputs; the FFT blocks compute
-  in float32 themselves, and the loss is taken in float32.
+  in float32 themselves, and the loss is taken in the parameters' dtype (float32, or float64).
   """
+  loss_dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
   cast = lambda x: x.astype(compute_dtype)
   outputs = apply_fn({'params': jax.tree_util.tree_map(cast, params)},
                      cast(micro_batch['target_under']), cast(micro_batch['aux']),
                      rngs={'dropout': rng})
-  outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+  outputs = {k: v.astype(loss_dtype) for k, v in outputs.items()}
   return losses.reference_loss(outputs, micro_batch['target'])
 
 
