@@ -65,7 +65,8 @@ def pytest_configure(config):
 # the first worker, the second to the second, a second file to each, then the next file to
 # whichever is free: the heaviest (~10, ~11 and ~6 min summed on a 2-core Zen 3) start first.
 SLOWEST_FILES = ('test_train.py', 'test_parity.py', 'test_train_resume.py', 'test_bench.py',
-                 'test_model.py', 'test_inference.py', 'test_train_step.py', 'test_bad_input.py')
+                 'test_model.py', 'test_inference.py', 'test_train_parity.py',
+                 'test_train_step.py', 'test_bad_input.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -85,6 +85,24 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, data_root, com
   assert int(saved_state(tmp_path)['step']) == step
 
 
+def test_fsmnet_train_runs_in_float64(tmp_path, data_root, compile_cache):
+  """What a user gets from `JAX_ENABLE_X64=1 fsmnet-train --config.train.compute_dtype=float64`:
+  a run whose checkpoints, optimizer state included, are float64 (spatial branch; the whole
+  model's float64 step against the reference: test_train_parity.py)."""
+  result = subprocess.run(
+      cli_command(tmp_path, data_root, '--config.train.compute_dtype=float64',
+                  '--config.train.num_steps=2'),
+      env={**cli_env(1, compile_cache), 'JAX_ENABLE_X64': '1'}, capture_output=True, text=True,
+      timeout=900, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  state = saved_state(tmp_path)
+  assert int(state['step']) == 2
+  floats = [x for x in jax.tree_util.tree_leaves((state['params'], state['opt_state']))
+            if np.issubdtype(np.asarray(x).dtype, np.floating)]
+  assert floats and all(np.asarray(x).dtype == np.float64 for x in floats)
+  assert any('eval_psnr' in line for line in (tmp_path / 'metrics.jsonl').read_text().splitlines())
+
+
 @pytest.mark.parametrize('overrides, devices, message', [
     (['--config.train.no_such_key=1'], 1, 'no_such_key'),
     (['--config.train.batch_size=6'], 4, 'config.train.batch_size=6 must be a positive multiple'),

@@ -102,3 +102,4 @@ def test_the_float64_train_step_follows_the_reference_step_by_step(model_overrid
         np.testing.assert_array_equal(leaf, start)
         np.testing.assert_array_equal(other, start)
   assert not trained  # every JAX tree compared
+
