@@ -63,15 +63,16 @@ def test_pixel_unshuffle_channel_order_is_c_dy_dx():
 
 def test_pixel_shuffle_matches_torch():
   torch = pytest.importorskip('torch')
+  from torch_port.model import from_nhwc, to_nhwc  # pylint: disable=import-outside-toplevel
   x = np.random.default_rng(0).normal(size=(2, 5, 3, 16)).astype(np.float32)
-  expected = torch.nn.functional.pixel_shuffle(torch.from_numpy(x.transpose(0, 3, 1, 2)), 2)
+  expected = torch.nn.functional.pixel_shuffle(from_nhwc(x), 2)
   np.testing.assert_array_equal(pixel_shuffle(jnp.asarray(x), 2),
-                                expected.numpy().transpose(0, 2, 3, 1))
+                                to_nhwc(expected))
   # torch's own pixel_unshuffle uses the same (c, dy, dx) order as the reference's invPixelShuffle.
   y = np.random.default_rng(1).normal(size=(2, 6, 4, 3)).astype(np.float32)
-  expected = torch.nn.functional.pixel_unshuffle(torch.from_numpy(y.transpose(0, 3, 1, 2)), 2)
+  expected = torch.nn.functional.pixel_unshuffle(from_nhwc(y), 2)
   np.testing.assert_array_equal(pixel_unshuffle(jnp.asarray(y), 2),
-                                expected.numpy().transpose(0, 2, 3, 1))
+                                to_nhwc(expected))
 
 
 def test_replace_non_finite():

@@ -24,6 +24,7 @@ from fsmnet_jax.losses import reference_loss
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.optim import parameter_labels, reference_optimizer
 from torch_port import model as torch_blocks
+from torch_port.model import from_nhwc, to_nhwc
 from torch_port.convert import torch_to_flax
 from torch_port.losses import reference_loss as torch_reference_loss
 from torch_port.parity import check_parity, flax_outputs, random_inputs, torch_outputs
@@ -38,10 +39,6 @@ STEP_TOLERANCE = 1e-9
 def _relative(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _nhwc(t):
-  return jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))
 
 
 def _flax_block_path(torch_name: str) -> tuple[str, ...]:
@@ -84,7 +81,7 @@ def test_every_block_matches_in_float32(reference_weights):
       hook = lambda m, inputs, output, name=name, block=block: calls.append(
           (name, block, inputs, output))
       handles.append(module.register_forward_hook(hook))
-  main, aux = (torch.from_numpy(x.transpose(0, 3, 1, 2)).float() for x in random_inputs(1, 64, 0))
+  main, aux = (from_nhwc(x, torch.float32) for x in random_inputs(1, 64, 0))
   with torch.no_grad():
     torch_model(main, aux)
   for handle in handles:
@@ -99,8 +96,8 @@ def test_every_block_matches_in_float32(reference_weights):
     subtree = params
     for key in _flax_block_path(name):
       subtree = subtree[key]
-    ours = block.apply({'params': subtree}, *(_nhwc(x) for x in inputs))
-    error = _relative(ours, output.numpy().transpose(0, 2, 3, 1))
+    ours = block.apply({'params': subtree}, *(jnp.asarray(to_nhwc(x)) for x in inputs))
+    error = _relative(ours, to_nhwc(output))
     worst[type(block).__name__] = max(error, worst.get(type(block).__name__, 0))
     assert error < BLOCK_TOLERANCE, f'{name} ({type(block).__name__}): relative error {error:.2e}'
   print('worst float32 relative error per block:', {k: f'{v:.1e}' for k, v in worst.items()})
@@ -143,11 +140,11 @@ def test_gradients_and_one_optimizer_step_float64(reference_weights):
                    0, 1)
 
   torch_model = torch_model.double()
-  as_nchw = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2))
   optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.999),
                                 weight_decay=1e-4)
   optimizer.zero_grad()
-  loss = torch_reference_loss(torch_model(as_nchw(target_under), as_nchw(aux)), as_nchw(target))
+  loss = torch_reference_loss(torch_model(from_nhwc(target_under), from_nhwc(aux)),
+                              from_nhwc(target))
   loss.backward()
   torch_grads = {k: None if p.grad is None else p.grad.detach().clone()
                  for k, p in torch_model.named_parameters()}

@@ -4,12 +4,23 @@ Written for this project (NCHW); it mirrors `fsmnet_jax.model.FSMNet` block for 
 loads checkpoints trained with the reference code with `strict=True`.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
 from fsmnet_jax.blocks import FFT_EPS
 from fsmnet_jax.layers import NON_FINITE_FILL
 from fsmnet_jax.model import DECODER_LEVELS, ENCODER_LEVELS, NUM_CMS_FUSIONS, NUM_FS_FUSIONS
+
+
+def from_nhwc(x: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+  """An NHWC numpy array (this project's layout) as a contiguous NCHW tensor (TorchFSMNet's)."""
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype)
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+  """An NCHW tensor as an NHWC numpy array."""
+  return x.detach().cpu().numpy().transpose(0, 2, 3, 1)
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,

@@ -16,7 +16,7 @@ import torch
 
 from fsmnet_jax import conv
 from fsmnet_jax.model import FSMNet
-from torch_port.model import TorchFSMNet
+from torch_port.model import TorchFSMNet, from_nhwc, to_nhwc
 
 OUTPUTS = ('img_out', 'img_fre')
 FLOAT64_TOLERANCE = 1e-9  # max relative error, power-of-two sizes
@@ -52,10 +52,9 @@ def torch_outputs(model: TorchFSMNet, target_under: np.ndarray, aux: np.ndarray,
                   dtype: torch.dtype) -> dict[str, np.ndarray]:
   """NHWC numpy outputs of `model` run in `dtype` on NHWC numpy inputs."""
   model = model.to(dtype).eval()
-  as_nchw = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dtype)
   with torch.no_grad():
-    out = model(as_nchw(target_under), as_nchw(aux))
-  return {k: v.numpy().transpose(0, 2, 3, 1) for k, v in out.items()}
+    out = model(from_nhwc(target_under, dtype), from_nhwc(aux, dtype))
+  return {k: to_nhwc(v) for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)

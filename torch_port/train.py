@@ -14,7 +14,7 @@ import torch
 
 from fsmnet_jax.train import SCHEDULE_DECAY
 from torch_port.losses import reference_loss
-from torch_port.model import TorchFSMNet
+from torch_port.model import TorchFSMNet, from_nhwc
 
 
 class ReferenceTrainer:
@@ -38,14 +38,12 @@ class ReferenceTrainer:
 
   def step(self, batch: dict[str, np.ndarray]) -> float:
     """One iteration on an NHWC batch ('target_under', 'aux', 'target'); returns its loss."""
-    as_nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(
-        self.dtype)
     self.optimizer.zero_grad()
     loss = 0.0
     # Beyond the reference, as fsmnet_jax.train does them: micro-batch i takes rows i, i + A,
     # ... and the step follows the mean of their losses; the EMA follows each step.
     for i in range(self.accum_steps):
-      micro_batch = {k: as_nchw(v[i::self.accum_steps]) for k, v in batch.items()}
+      micro_batch = {k: from_nhwc(v[i::self.accum_steps], self.dtype) for k, v in batch.items()}
       outputs = self.model(micro_batch['target_under'], micro_batch['aux'])
       micro_loss = reference_loss(outputs, micro_batch['target']) / self.accum_steps
       micro_loss.backward()

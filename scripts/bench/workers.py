@@ -155,11 +155,11 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
   from torch_port import TorchFSMNet
   from torch_port.convert import flax_to_torch
   from torch_port.losses import reference_loss
+  from torch_port.model import from_nhwc
   model = TorchFSMNet(**MODELS[spec.model])
   model.load_state_dict(flax_to_torch(_load_weights(weights), FSMNet(**MODELS[spec.model])))
   model.to(device)
-  under, aux, target = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
-                        for x in _inputs(spec))
+  under, aux, target = (from_nhwc(x).to(device) for x in _inputs(spec))
   if spec.task == 'flops':
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
