@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,17 @@ from typing import TextIO
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+
+
+def cpu_model() -> str:
+  """The CPU's model name, from /proc/cpuinfo where there is one: every timing names it."""
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
 
 
 class MetricWriter:

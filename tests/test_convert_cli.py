@@ -41,7 +41,7 @@ def test_refuses_to_overwrite_and_reports_errors(tmp_path, capsys):
   destination.write_bytes(b'precious')
   assert main(['flax2torch', str(tmp_path), str(destination)]) == 2
   assert 'not a readable orbax checkpoint' in capsys.readouterr().err
-  # The round trip above checks while converting; here the `check` command below does.
+  # The round trip above checks while converting; test_parity_cli.py has the check alone.
   assert main(['torch2flax', str(source), str(tmp_path / 'flax'), '--check-size', '0']) == 0
   capsys.readouterr()
   assert main(['flax2torch', str(tmp_path / 'flax'), str(destination), '--check-size', '0']) == 2
@@ -50,9 +50,7 @@ def test_refuses_to_overwrite_and_reports_errors(tmp_path, capsys):
   assert main(['flax2torch', str(tmp_path / 'flax'), str(destination), '--overwrite',
                '--check-size', '0']) == 0
   assert destination.read_bytes() != b'precious'
-  assert main(['check', str(tmp_path / 'flax'), '--check-size', '32']) == 0
-  assert 'PASS' in capsys.readouterr().out
-  assert main(['check', str(tmp_path / 'nope.pth')]) == 2
+  assert main(['torch2flax', str(tmp_path / 'nope.pth'), str(tmp_path / 'out')]) == 2
   assert 'nope.pth: no such file' in capsys.readouterr().err
 
 
@@ -61,5 +59,5 @@ def test_console_script_is_installed():
       shutil.which('fsmnet-convert')
   assert executable, 'fsmnet-convert is not on PATH; install the package (scripts/test.sh does)'
   result = subprocess.run([executable, '--help'], capture_output=True, text=True, check=True)
-  for command in ('torch2flax', 'flax2torch', 'check'):
+  for command in ('torch2flax', 'flax2torch'):
     assert command in result.stdout

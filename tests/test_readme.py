@@ -29,9 +29,12 @@ MINIMUM_OPTIONS = {
     'fsmnet-export': _CHECKPOINT_OPTIONS | {'image-size', 'platforms'},
     'fsmnet-make-demo-data': {'seed', 'subjects', 'knee-pairs', 'image-size', 'slices', 'debug'},
     'fsmnet-convert': {'debug'},
+    'fsmnet-parity': {'debug'},
     'fsmnet-convert torch2flax': _CONVERT_OPTIONS | {'overwrite'},
     'fsmnet-convert flax2torch': _CONVERT_OPTIONS | {'overwrite'},
-    'fsmnet-convert check': _CONVERT_OPTIONS,
+    'fsmnet-parity forward': {'use-spa-att', 'size', 'seed'},
+    'fsmnet-parity train': {'config', 'frameworks', 'seeds', 'steps', 'float64', 'noise-seeds',
+                            'out'},
     'fsmnet-bench': {'json', 'repeats', 'threads', 'frameworks', 'sweep', 'with-main', 'bf16',
                      'whole-batch', 'quick'},
 }

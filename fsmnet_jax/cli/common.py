@@ -40,7 +40,8 @@ def _raise_terminated(signum, frame):
 
 
 def run_reporting_errors(program: str, command: Callable[[], int | None], debug: bool,
-                         user_errors: tuple[type, ...] = USER_ERRORS) -> int:
+                         user_errors: tuple[type, ...] = USER_ERRORS,
+                         run_faults: tuple[type, ...] = RUN_FAULTS) -> int:
   """`command()`'s exit status (None: 0). Expected errors become one line on stderr and a
   status (see above); `debug` re-raises them with their traceback. SIGTERM unwinds like
   Ctrl-C, so an output being written is removed rather than left half-written."""
@@ -54,7 +55,7 @@ def run_reporting_errors(program: str, command: Callable[[], int | None], debug:
     hide_orbax_logs()  # its threads' complaints as the process ends are not news
     print(f'{program}: stopped by {name}; outputs not finished were removed', file=sys.stderr)
     return 130 if name == 'SIGINT' else 143
-  except user_errors + RUN_FAULTS as e:
+  except user_errors + run_faults as e:
     if debug:
       raise
     hide_orbax_logs()
@@ -122,6 +123,36 @@ def load_config_file(path: Path) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def override_config(config: ml_collections.ConfigDict, assignments: list[str]
+                    ) -> ml_collections.ConfigDict:
+  """`config` with `--config.key=value` assignments applied (as fsmnet-train's command line
+  does them); each value is read as the type of the key's default."""
+  for assignment in assignments:
+    name, has_value, text = assignment.removeprefix('--config.').partition('=')
+    if not assignment.startswith('--config.') or not has_value:
+      raise ValueError(f'{assignment}: expected --config.key=value')
+    *sections, key = name.split('.')
+    parent = config
+    for section in sections:
+      parent = parent.get(section)
+      if not isinstance(parent, ml_collections.ConfigDict):
+        raise ValueError(f'--config.{name}: no such config key')
+    if key not in parent:
+      raise ValueError(f'--config.{name}: no such config key')
+    default = parent[key]
+    try:
+      if isinstance(default, bool):
+        if text.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError('expected true or false')
+        value = text.lower() in ('true', '1')
+      else:
+        value = type(default)(text)
+    except ValueError as e:
+      raise ValueError(f'--config.{name}={text}: not a {type(default).__name__} ({e})') from e
+    parent[key] = value
+  return config
 
 
 def load_params(checkpoint: Path, model: FSMNet | None = None, use_spa_att: bool = False

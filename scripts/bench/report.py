@@ -11,6 +11,7 @@ from typing import Any
 from fsmnet_bench.launch import xla_flags
 from fsmnet_bench.plan import FRAMEWORK_TITLES, FRAMEWORKS
 from fsmnet_jax.files import write_atomically
+from fsmnet_jax.reporting import cpu_model
 
 
 def machine_info(cpus: list[int]) -> dict:
@@ -18,24 +19,13 @@ def machine_info(cpus: list[int]) -> dict:
   of Python, jax, flax and torch."""
   info = {'date': datetime.date.today().isoformat(), 'python': platform.python_version(),
           'platform': platform.platform(), 'cpus_used': cpus, 'threads': len(cpus),
-          'cpu_model': _cpu_model(), 'xla_flags': xla_flags(os.environ.get('XLA_FLAGS', ''), 1)}
+          'cpu_model': cpu_model(), 'xla_flags': xla_flags(os.environ.get('XLA_FLAGS', ''), 1)}
   for package in ('jax', 'jaxlib', 'flax', 'torch'):
     try:  # the installed version, without importing it (and starting an accelerator) here
       info[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
       info[package] = None
   return info
-
-
-def _cpu_model() -> str:
-  """The CPU's model name, from /proc/cpuinfo where there is one."""
-  try:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def _find(results: list[dict], **fields) -> dict | None:
