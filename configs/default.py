@@ -11,6 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
+  # 'fsmnet', or 'mdunet': the paper's multi-modal U-Net baseline (Table 1 MDUNet, Table 2's
+  # first row), built from config.model.num_features alone.
+  config.model_name = 'fsmnet'
   config.model = ml_collections.ConfigDict()
   config.model.num_features = 64
   config.model.num_res_blocks = 2

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsmnet_jax import baselines
 from fsmnet_jax.blocks import CMSFusion, DownSample, FreBlock, FSFusion, ResidualGroup, UpSample
 from fsmnet_jax.layers import ConvAct
 
@@ -183,24 +184,44 @@ class FSMNet(nn.Module):
 FSMNetTiny = functools.partial(FSMNet, num_features=8, num_res_blocks=1, num_heads=2)
 
 
+MODEL_NAMES = ('fsmnet', 'mdunet')
+
+
+def build_model(model_name: str, model_config: Mapping[str, Any]) -> nn.Module:
+  """`config.model_name`'s network: FSMNet(**config.model), or the paper's MDUNet baseline,
+  which takes only config.model.num_features (its first level's width)."""
+  if model_name == 'fsmnet':
+    return FSMNet(**model_config)
+  if model_name == 'mdunet':
+    return baselines.MDUNet(num_features=model_config['num_features'])
+  raise ValueError(f'config.model_name={model_name!r}: use one of {", ".join(MODEL_NAMES)}')
+
+
+def size_multiple(model_name: str) -> int:
+  """What image sides must be a multiple of for `model_name`'s network."""
+  return baselines.SIZE_MULTIPLE if model_name == 'mdunet' else DOWNSAMPLING_FACTOR
+
+
 def count_params(variables) -> int:
   """Number of scalars in a parameter tree (works on arrays and on `jax.eval_shape` results)."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables))
 
 
-def init_variables(model: FSMNet, rng: jax.Array) -> dict:
-  """Initial variables of `model` (PyTorch's initialisation), computed op by op on an 8x8 input.
+def init_variables(model: nn.Module, rng: jax.Array) -> dict:
+  """Initial variables of `model` (PyTorch's initialisation), computed op by op on a 16x16
+  input (the least size of every network here).
 
   Parameter shapes do not depend on the image size. Un-jitted on purpose: XLA:CPU takes
   ~100 s to compile the ~800 separate random samplers of a jitted init, eager takes ~10 s
   the first time and <1 s after, with the same values.
   """
-  dummy = jnp.zeros((1, DOWNSAMPLING_FACTOR, DOWNSAMPLING_FACTOR, 1), jnp.float32)
+  side = max(DOWNSAMPLING_FACTOR, baselines.SIZE_MULTIPLE)
+  dummy = jnp.zeros((1, side, side, 1), jnp.float32)
   return model.init(rng, dummy, dummy)
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_params(model: FSMNet) -> dict:
+def abstract_params(model: nn.Module) -> dict:
   """`model`'s parameter tree as `jax.ShapeDtypeStruct`s (no compute; traced once per model:
   tracing the whole model takes seconds). Shared: do not modify it."""
   return jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))['params']

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import linen as nn
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,7 +29,8 @@ from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import write_atomically
-from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet, abstract_params, init_variables
+from fsmnet_jax.model import (MODEL_NAMES, abstract_params, build_model, init_variables,
+                              size_multiple)
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
 
 # 'float64' (parameters too; needs JAX_ENABLE_X64=1) is for parity with the reference.
@@ -67,9 +69,13 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   data_size, processes = mesh.shape['data'], jax.process_count()
   train, size = config.train, config.data.image_size
   problems = []
-  if size % DOWNSAMPLING_FACTOR:
+  if config.model_name not in MODEL_NAMES:
+    problems.append(f'config.model_name={config.model_name!r}: use one of '
+                    f'{", ".join(MODEL_NAMES)}')
+  elif size % size_multiple(config.model_name):
     problems.append(f'config.data.image_size={size} must be divisible by '
-                    f'{DOWNSAMPLING_FACTOR} (three 2x downsamplings)')
+                    f'{size_multiple(config.model_name)} (the 2x downsamplings of '
+                    f'{config.model_name})')
   for key, batch in (('train.batch_size', train.batch_size),
                      ('eval.batch_size', config.eval.batch_size)):
     if batch < 1 or batch % data_size or batch % processes:
@@ -113,7 +119,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda step: schedule(jnp.asarray(step, jnp.result_type(float)))
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh,
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh,
                        params: Any = None) -> TrainState:
   """The initial state, placed on `mesh`: `params` if given, else PyTorch's initialisation
   from `config.seed`."""
@@ -125,7 +131,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: M
   return jax.tree_util.tree_map(_place, state, shardings)
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh: Mesh
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh
                          ) -> TrainState:
   """create_train_state's shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s), without
   computing it: what a resumed run restores into. The initialisation runs op by op, ~35 s of a
@@ -138,7 +144,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: FSMNet, mesh:
       state, shardings)
 
 
-def _new_state(config: ml_collections.ConfigDict, model: FSMNet, params: Any,
+def _new_state(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
                rng: jax.Array) -> TrainState:
   if config.train.compute_dtype == 'float64':  # parameters and optimizer state too
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
@@ -190,7 +196,9 @@ def micro_batch_loss(apply_fn: Callable, params: Any, micro_batch: dict[str, jax
                      cast(micro_batch['target_under']), cast(micro_batch['aux']),
                      rngs={'dropout': rng})
   outputs = {k: v.astype(loss_dtype) for k, v in outputs.items()}
-  return losses.reference_loss(outputs, micro_batch['target'])
+  # The target too: batches come as float32, and a float32 FFT of the target would put float32
+  # rounding into a float64 loss.
+  return losses.reference_loss(outputs, micro_batch['target'].astype(loss_dtype))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, accum_steps: int,
@@ -360,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config, mesh)
   _check_writable(workdir)
   is_chief = jax.process_index() == 0
-  model = FSMNet(**config.model)
+  model = build_model(config.model_name, config.model)
   train_source = pipeline.make_source(config, 'train')
   train_loader = pipeline.make_loader(config, 'train',
                                       config.train.batch_size // jax.process_count(),

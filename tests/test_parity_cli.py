@@ -20,9 +20,13 @@ import pytest
 torch = pytest.importorskip('torch')
 
 # pylint: disable=wrong-import-position
+from fsmnet_jax.baselines import MDUNet
+from fsmnet_jax.configs import tiny
+from fsmnet_jax.model import abstract_params, count_params
 from torch_port import TorchFSMNet
 from torch_port.parity_cli import main
-from training_runs import SPATIAL_ONLY, compile_cache_env
+from torch_port.parity_runs import TABLE2_ROWS, flatten, table2_config
+from training_runs import SPATIAL_ONLY, compile_cache_env, starting_params
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -121,6 +125,9 @@ def test_train_refuses_bad_input_and_keeps_finished_runs(two_seeds, tmp_path):
   assert 'unknown framework tensorflow; use jax, torch, torch-ulp, torch-1thread' in stderr
   status, _, stderr = _parity(*args, '--config.train.compute_dtype=bfloat16')
   assert status == 2 and "compute_dtype='bfloat16': the torch twin trains in float32" in stderr
+  status, _, stderr = _parity(*args, '--config.model_name=mdunet')
+  assert status == 2 and "model_name='mdunet': the torch twin is FSMNet only; train this " \
+      'network with --frameworks jax' in stderr
   status, _, stderr = _parity(*args, '--config.model.num_feature=4')
   assert status == 2 and '--config.model.num_feature: no such config key' in stderr
   status, _, stderr = _parity(*args, '--config.train.learning_rate=1e-3')
@@ -152,3 +159,40 @@ def test_forward_checks_the_weights_of_a_checkpoint(tmp_path):
   status, _, stderr = _parity('forward', str(tmp_path / 'nope.pth'))
   assert status == 2 and 'nope.pth: no such file' in stderr
 
+
+
+def test_table2_rows_are_the_papers_networks():
+  config = tiny.get_config()
+  networks = {row: table2_config(config, row) for row in TABLE2_ROWS}
+  assert networks['mdunet'].model_name == 'mdunet'
+  assert networks['mdunet'].model.num_features == config.model.num_features // 2
+  switches = {row: (c.model_name, c.model.use_frequency_branch, c.model.use_cms_fusion,
+                    c.model.use_fs_fusion) for row, c in networks.items() if row != 'mdunet'}
+  assert switches == {'fsfe': ('fsmnet', True, False, False), 'cms': ('fsmnet', True, True, False),
+                      'fsmnet': ('fsmnet', True, True, True)}
+  assert config.model_name == 'fsmnet' and config.model.use_fs_fusion  # not changed
+
+
+def test_ablation_writes_table2_beside_the_papers(tmp_path, data_root, compile_cache):
+  out = tmp_path / 'table2'
+  with mock.patch.dict('os.environ', compile_cache_env(compile_cache)):
+    status, stdout, stderr = _parity(
+        'ablation', '--config', str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}',
+        '--config.eval.max_batches=1', '--config.eval.batch_size=4', '--config.eval.every=2',
+        '--rows', 'mdunet', '--seeds', '2', '--steps', '2', '--out', str(out))
+  assert status == 0, stderr
+  (row,) = json.loads((out / 'table2.json').read_text())['rows']
+  model = MDUNet(num_features=tiny.get_config().model.num_features // 2)
+  assert row['row'] == 'mdunet' and row['framework'] == 'jax' and row['paper'] == [37.94, 0.975]
+  assert row['eval_psnr']['seeds'] == 2
+  assert row['parameters'] == count_params(abstract_params(model))
+  assert '| multi-modal U-Net, concat fusion (MDUNet) | jax |' in stdout
+  # No twin, no reference initialisation: each seed starts where fsmnet-train would.
+  assert not (out / 'mdunet' / 'initial').exists()
+  for seed in (0, 1):
+    expected = starting_params(model, seed)
+    np.testing.assert_array_equal(_snapshots(out / 'mdunet', f'jax-seed{seed}')['step_0'],
+                                  flatten(expected))
+  status, _, stderr = _parity('ablation', '--config', str(REPO / 'configs/tiny.py'),
+                              '--rows', 'mdunet,resnet', '--out', str(out))
+  assert status == 2 and '--rows mdunet,resnet: use some of mdunet, fsfe, cms, fsmnet' in stderr

@@ -35,6 +35,7 @@ MINIMUM_OPTIONS = {
     'fsmnet-parity forward': {'use-spa-att', 'size', 'seed'},
     'fsmnet-parity train': {'config', 'frameworks', 'seeds', 'steps', 'float64', 'noise-seeds',
                             'out'},
+    'fsmnet-parity ablation': {'config', 'frameworks', 'seeds', 'steps', 'rows', 'out'},
     'fsmnet-bench': {'json', 'repeats', 'threads', 'frameworks', 'sweep', 'with-main', 'bf16',
                      'whole-batch', 'quick'},
 }

@@ -33,12 +33,14 @@ PARAMS_TOLERANCE = 1e-6  # |JAX - torch| / |change| after STEPS steps (params, E
 
 
 def _batches(batch_size: int, size: int) -> list[dict[str, np.ndarray]]:
+  """Random batches in float32, as the input pipeline yields them."""
   batches = []
   for step in range(STEPS):
     target_under, aux = random_inputs(batch_size, size, seed=10 + step)
     noise = np.random.default_rng(20 + step).normal(scale=0.05, size=target_under.shape)
-    batches.append({'target_under': target_under, 'aux': aux,
-                    'target': np.clip(target_under + noise, 0, 1)})
+    batch = {'target_under': target_under, 'aux': aux,
+             'target': np.clip(target_under + noise, 0, 1)}
+    batches.append({k: v.astype(np.float32) for k, v in batch.items()})
   return batches
 
 

@@ -122,6 +122,25 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_model_and_params):
   np.testing.assert_allclose(bfloat16_loss, float32_loss, rtol=1e-3)
 
 
+def test_a_float64_loss_does_not_round_the_float32_batch():
+  """The pipeline's batches are float32; with float64 parameters the loss, the FFTs of the
+  target included, is float64 throughout: the same as from a float64 copy of the batch."""
+  rng = np.random.default_rng(0)
+  images = {k: rng.random((2, 16, 16, 1)).astype(np.float32) for k in train.TRAIN_KEYS}
+  with jax.enable_x64(True):
+    params = {'scale': jnp.asarray(0.7, jnp.float64)}
+    # A stand-in network: both outputs are functions of the parameters and inputs alone.
+    apply_fn = lambda variables, x, aux, rngs: {
+        'img_out': x * variables['params']['scale'], 'img_fre': aux + x**2}
+    loss = lambda batch: train.micro_batch_loss(apply_fn, params, batch,
+                                                compute_dtype=jnp.float64,
+                                                rng=jax.random.key(0))[0]
+    from_float32 = loss({k: jnp.asarray(v) for k, v in images.items()})
+    from_float64 = loss({k: jnp.asarray(v, jnp.float64) for k, v in images.items()})
+  assert from_float32.dtype == np.float64
+  assert float(from_float32) == float(from_float64)
+
+
 @pytest.mark.parametrize('schedule, factor', [('reference', 0.5), ('paper', 0.1),
                                               ('constant', 1.0)])
 def test_learning_rate_schedules(schedule, factor):

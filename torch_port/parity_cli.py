@@ -3,11 +3,14 @@
   fsmnet-parity forward CHECKPOINT [--size 64]
   fsmnet-parity train --config configs/demo.py --config.data.root demo_data \\
       --frameworks jax,torch --seeds 5 --steps 1000 --out parity/demo
+  fsmnet-parity ablation --config configs/demo.py --config.data.root demo_data \\
+      --seeds 3 --steps 1000 --out parity/table2
 
 `train` runs each (framework, seed) in its own process from the same initial weights (the
 reference's initialisation at that seed) on the same batches, then writes OUT/report.json,
 report.md, curves.png and divergence.png (docs/parity.md). Repeated with the same settings, it
-keeps the finished runs and runs only the missing ones (more seeds, say).
+keeps the finished runs and runs only the missing ones (more seeds, say). `ablation` trains
+the four networks of the paper's Table 2 that way and writes OUT/table2.md.
 """
 
 import argparse
@@ -24,15 +27,16 @@ from fsmnet_jax.cli.common import (RUN_FAULTS, load_config_file, override_config
                                    run_reporting_errors)
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.files import write_atomically
-from fsmnet_jax.model import FSMNet
+from fsmnet_jax.model import build_model
 from fsmnet_jax.reporting import cpu_model
 from torch_port.checkpoint import load_state_dict, save_state_dict
 from torch_port.cli import describe, load_both, report_parity
 from torch_port.convert import ConversionError
 from torch_port.model import TorchFSMNet
-from torch_port.parity_report import markdown, write_report
+from torch_port.parity_report import markdown, write_report, write_table2
 from torch_port.parity_runs import (FRAMEWORKS, REFERENCE, REFERENCE_NOISE, RUN_FILE,
-                                    initial_state_dict, run_config, run_name, train_run)
+                                    TABLE2_ROWS, initial_state_dict, run_config, run_name,
+                                    table2_config, train_run)
 
 USER_ERRORS = (CheckpointError, ConversionError, DataError, FileExistsError, FileNotFoundError,
                ValueError)
@@ -62,24 +66,38 @@ def _parser() -> argparse.ArgumentParser:
   forward.add_argument('--size', type=int, default=64, help='image side (default 64)')
   forward.add_argument('--seed', type=int, default=0, help='seed of the random inputs')
 
-  train = commands.add_parser(
-      'train', help='train both frameworks from the same weights on the same batches',
-      description='Trains each framework from the same initial weights on the same batches, '
-                  'several seeds, and reports how far they end apart (docs/parity.md). Any '
-                  '--config.key=value overrides the config file.')
-  train.add_argument('--config', type=Path, required=True, help='a configs/*.py file')
-  train.add_argument('--frameworks', default='jax,torch',
-                     help=f'comma-separated, of {", ".join(FRAMEWORKS)} (default jax,torch)')
-  train.add_argument('--seeds', type=int, default=2,
-                     help='seeds config.seed, +1, ...: initial weights and batch order '
-                          '(default 2)')
-  train.add_argument('--steps', type=int, help='steps per run (default config.train.num_steps)')
+  def add_runs(name: str, help_text: str, description: str, frameworks: str
+               ) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text, description=description)
+    command.add_argument('--config', type=Path, required=True, help='a configs/*.py file')
+    command.add_argument('--frameworks', default=frameworks,
+                         help=f'comma-separated, of {", ".join(FRAMEWORKS)} (default '
+                              f'{frameworks})')
+    command.add_argument('--seeds', type=int, default=2,
+                         help='seeds config.seed, +1, ...: initial weights and batch order '
+                              '(default 2)')
+    command.add_argument('--steps', type=int,
+                         help='steps per run (default config.train.num_steps)')
+    command.add_argument('--out', type=Path, required=True, help='folder of the runs and report')
+    return command
+
+  train = add_runs(
+      'train', 'train both frameworks from the same weights on the same batches',
+      'Trains each framework from the same initial weights on the same batches, several '
+      'seeds, and reports how far they end apart (docs/parity.md). Any --config.key=value '
+      'overrides the config file.', 'jax,torch')
   train.add_argument('--float64', action='store_true',
                      help='parameters and computation in float64 (the same-algorithm check)')
   train.add_argument('--noise-seeds', type=int, default=1,
                      help=f'for the first N seeds, also run {" and ".join(REFERENCE_NOISE)}: '
                           "the reference's own rounding noise (default 1)")
-  train.add_argument('--out', type=Path, required=True, help='folder of the runs and report')
+  ablation = add_runs(
+      'ablation', "the paper's Table 2 in miniature: its four networks, several seeds",
+      "Trains the four networks of the paper's Table 2 (MDUNet, + FSFE, + CMS-fusion, "
+      '+ FS-fusion) on the same data, each as `train` does into OUT/<row>, and writes '
+      "OUT/table2.md beside the paper's numbers (the torch twin has no MDUNet).", 'jax')
+  ablation.add_argument('--rows', default=','.join(TABLE2_ROWS),
+                        help=f'comma-separated, of {", ".join(TABLE2_ROWS)} (default all)')
 
   # One run, in its own process: what `train` starts for each (framework, seed).
   worker = commands.add_parser('worker')
@@ -104,8 +122,8 @@ def _frameworks(text: str) -> list[str]:
   return frameworks
 
 
-def _check_buildable(config: ml_collections.ConfigDict) -> None:
-  """ValueError naming what of `config` the torch twin cannot run."""
+def _check_buildable(config: ml_collections.ConfigDict, frameworks: list[str]) -> None:
+  """ValueError naming what of `config` the frameworks cannot run."""
   if config.train.compute_dtype != 'float32':
     raise ValueError(f'config.train.compute_dtype={config.train.compute_dtype!r}: the torch '
                      'twin trains in float32, or in float64 with --float64; leave it float32')
@@ -113,10 +131,17 @@ def _check_buildable(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.mesh.model={config.mesh.model}: the torch twin has no model '
                      'parallelism; use 1')
   try:
-    TorchFSMNet(**config.model)
-    FSMNet(**config.model)
-  except TypeError as e:
-    raise ValueError(f'config.model cannot be built by the torch twin: {e}') from e
+    build_model(config.model_name, config.model)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.model cannot be built: {e}') from e
+  if frameworks != ['jax']:
+    if config.model_name != 'fsmnet':
+      raise ValueError(f'config.model_name={config.model_name!r}: the torch twin is FSMNet '
+                       'only; train this network with --frameworks jax')
+    try:
+      TorchFSMNet(**config.model)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'config.model cannot be built by the torch twin: {e}') from e
 
 
 def _differences(ours: dict, theirs: dict, prefix: str = '') -> list[str]:
@@ -131,19 +156,18 @@ def _differences(ours: dict, theirs: dict, prefix: str = '') -> list[str]:
   return differences
 
 
-def _resolve(args: argparse.Namespace, overrides: list[str]
-             ) -> tuple[ml_collections.ConfigDict, dict]:
-  """The config, and the settings that make runs comparable (recorded in OUT)."""
-  config = override_config(load_config_file(args.config), overrides)
-  _check_buildable(config)
+def _settings(args: argparse.Namespace, config: ml_collections.ConfigDict,
+              frameworks: list[str], overrides: list[str], float64: bool) -> dict:
+  """The settings that make runs comparable (recorded in OUT), once `config` is runnable."""
+  _check_buildable(config, frameworks)
   steps = config.train.num_steps if args.steps is None else args.steps
-  if steps < 1 or args.seeds < 1 or args.noise_seeds < 0:
-    raise ValueError('--steps and --seeds must be at least 1, --noise-seeds at least 0')
+  if steps < 1 or args.seeds < 1:
+    raise ValueError('--steps and --seeds must be at least 1')
   for split in ('train', 'test'):  # the data is readable before any run starts
     pipeline.make_source(config, split)
-  return config, {'config_file': str(args.config), 'overrides': ' '.join(overrides),
-                  'config': config.to_dict(), 'steps': steps,
-                  'dtype': 'float64' if args.float64 else 'float32', 'machine': cpu_model()}
+  return {'config_file': str(args.config), 'overrides': ' '.join(overrides),
+          'config': config.to_dict(), 'steps': steps,
+          'dtype': 'float64' if float64 else 'float32', 'machine': cpu_model()}
 
 
 def _claim(out: Path, settings: dict) -> None:
@@ -161,11 +185,12 @@ def _claim(out: Path, settings: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
 
 
-def _initial_weights(out: Path, config: ml_collections.ConfigDict, seed: int) -> Path:
+def _initial_weights(out: Path, config: ml_collections.ConfigDict, seed: int) -> None:
+  """The reference's initialisation at `seed`, where the twin has the network (else the JAX
+  runs draw their own, as fsmnet-train does)."""
   path = out / 'initial' / f'seed{seed}.safetensors'
-  if not path.exists():
+  if config.model_name == 'fsmnet' and not path.exists():
     save_state_dict(initial_state_dict(config, seed), path)
-  return path
 
 
 def _launch(out: Path, framework: str, seed: int, float64: bool) -> None:
@@ -184,33 +209,56 @@ def _launch(out: Path, framework: str, seed: int, float64: bool) -> None:
                     f'{lines[-1].strip() if lines else "no output"} (log: {log})')
 
 
-def train(args: argparse.Namespace, overrides: list[str]) -> int:
-  frameworks = _frameworks(args.frameworks)
-  config, settings = _resolve(args, overrides)
-  out = args.out
+def _run_seeds(out: Path, config: ml_collections.ConfigDict, settings: dict,
+               frameworks: list[str], seeds: int, noise_seeds: int) -> dict:
+  """Runs what `out` lacks of `frameworks` x `seeds` (and the reference's noise runs for the
+  first `noise_seeds` seeds); returns the report it then writes."""
   _claim(out, settings)
   (out / 'runs').mkdir(exist_ok=True)
-  base_seed = config.seed
-  for index, seed in enumerate(range(base_seed, base_seed + args.seeds)):
+  for index, seed in enumerate(range(config.seed, config.seed + seeds)):
     _initial_weights(out, config, seed)
-    noise = list(REFERENCE_NOISE) if index < args.noise_seeds else []
-    if noise and REFERENCE not in frameworks:
-      noise = []
+    noise = list(REFERENCE_NOISE) if index < noise_seeds and REFERENCE in frameworks else []
     for framework in dict.fromkeys(frameworks + noise):
       name = run_name(framework, seed)
       if (out / 'runs' / name / RUN_FILE).exists():
         print(f'{name}: finished earlier, kept')
         continue
       print(f'{name}: training {settings["steps"]} steps ...', flush=True)
-      _launch(out, framework, seed, args.float64)
+      _launch(out, framework, seed, settings['dtype'] == 'float64')
       run = json.loads((out / 'runs' / name / RUN_FILE).read_text())
       print(f'{name}: done in {run["seconds"]:.0f} s; final loss {run["losses"][-1]:.5g}, '
             f'test PSNR {run["eval"]["eval_psnr"]:.3f} dB', flush=True)
-  report = write_report(out, settings)
+  return write_report(out, settings)
+
+
+def train(args: argparse.Namespace, overrides: list[str]) -> int:
+  frameworks = _frameworks(args.frameworks)
+  if args.noise_seeds < 0:
+    raise ValueError('--noise-seeds must be at least 0')
+  config = override_config(load_config_file(args.config), overrides)
+  settings = _settings(args, config, frameworks, overrides, args.float64)
+  report = _run_seeds(args.out, config, settings, frameworks, args.seeds, args.noise_seeds)
   verdicts = [line for line in markdown(settings, report).splitlines()
               if line.startswith(('## Seed', '- '))]
   print('\n'.join(verdicts))
-  print(f'wrote {out / "report.md"}, report.json, curves.png, divergence.png')
+  print(f'wrote {args.out / "report.md"}, report.json, curves.png, divergence.png')
+  return 0
+
+
+def ablation(args: argparse.Namespace, overrides: list[str]) -> int:
+  frameworks = _frameworks(args.frameworks)
+  base = override_config(load_config_file(args.config), overrides)
+  chosen = [row.strip() for row in args.rows.split(',') if row.strip()]
+  if not chosen or set(chosen) - set(TABLE2_ROWS):
+    raise ValueError(f'--rows {args.rows}: use some of {", ".join(TABLE2_ROWS)}')
+  rows = {row: table2_config(base, row) for row in TABLE2_ROWS if row in chosen}
+  settings = {row: _settings(args, config, frameworks, overrides, float64=False)
+              for row, config in rows.items()}
+  reports = {}
+  for row, config in rows.items():
+    print(f'Table 2, {TABLE2_ROWS[row]}:', flush=True)
+    reports[row] = _run_seeds(args.out / row, config, settings[row], frameworks, args.seeds, 0)
+  print(write_table2(args.out, reports, base.data.acceleration))
   return 0
 
 
@@ -221,7 +269,8 @@ def worker(args: argparse.Namespace) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update('jax_enable_x64', True)
   config = run_config(ml_collections.ConfigDict(settings['config']), args.seed, float64)
-  initial = load_state_dict(args.out / 'initial' / f'seed{args.seed}.safetensors')
+  initial_file = args.out / 'initial' / f'seed{args.seed}.safetensors'
+  initial = load_state_dict(initial_file) if config.model_name == 'fsmnet' else None
   train_run(args.framework, config, settings['steps'], initial,
             args.out / 'runs' / run_name(args.framework, args.seed))
   return 0
@@ -231,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   argv = sys.argv[1:] if argv is None else argv
   args, rest = parser.parse_known_args(argv)
-  if rest and args.command != 'train':
+  if rest and args.command not in ('train', 'ablation'):
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
   commands = {'forward': lambda: forward(args), 'train': lambda: train(args, rest),
-              'worker': lambda: worker(args)}
+              'ablation': lambda: ablation(args, rest), 'worker': lambda: worker(args)}
   return run_reporting_errors('fsmnet-parity', commands[args.command], args.debug,
                               USER_ERRORS, RUN_FAULTS + (RunFailed,))
 

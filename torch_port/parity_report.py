@@ -23,8 +23,9 @@ import numpy as np
 from scipy import stats
 
 from fsmnet_jax.files import write_together
+from fsmnet_jax.model import abstract_params, build_model, count_params
 from torch_port.parity_runs import (REFERENCE, REFERENCE_NOISE, RUN_FILE, SNAPSHOTS_FILE,
-                                    run_name)
+                                    TABLE2_ROWS, run_name)
 
 FLOAT64_STEPS = 3
 FLOAT64_LOSS_TOLERANCE = 1e-9
@@ -33,6 +34,13 @@ FLOAT64_NOISE_FACTOR = 10.0
 FLOAT32_NOISE_FACTOR = 2.0
 SAME_RESULT_MARGIN = {'eval_psnr': 1.0, 'eval_ssim': 0.01}
 COMPARED = 'jax'
+# The paper's Table 2 (BraTS, PSNR / SSIM) at 4x and 8x acceleration.
+PAPER_TABLE2 = {
+    'mdunet': {4: (37.94, 0.975), 8: (35.19, 0.960)},
+    'fsfe': {4: (41.05, 0.985), 8: (37.97, 0.974)},
+    'cms': {4: (41.39, 0.986), 8: (38.27, 0.975)},
+    'fsmnet': {4: (41.76, 0.986), 8: (38.60, 0.977)},
+}
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
@@ -260,7 +268,8 @@ def plot_divergence(curves: dict[str, dict[str, Any]], path: Path) -> None:
                 ylabel='|loss - reference loss| / reference loss (0: not drawn)')
   for axis in (params_axis, loss_axis):
     axis.grid(alpha=0.3, which='both')
-  params_axis.legend()
+  if colors:
+    params_axis.legend()
   figure.suptitle(f'divergence from {REFERENCE}, {len(curves)} seed(s)')
   figure.savefig(path, dpi=100, bbox_inches='tight')
 
@@ -281,3 +290,36 @@ def write_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
       out / 'divergence.png': lambda tmp: plot_divergence(summary['divergence'], tmp),
   }, overwrite=True)
   return report
+
+
+def write_table2(out: Path, reports: dict[str, dict[str, Any]], acceleration: int) -> str:
+  """OUT/table2.md and table2.json: each Table 2 row's final test metrics (mean +- std over
+  seeds, per framework) beside the paper's; returns the Markdown."""
+  paper = {row: values.get(acceleration) for row, values in PAPER_TABLE2.items()}
+  rows = []
+  for row, report in reports.items():
+    settings = report['settings']
+    model = build_model(settings['config']['model_name'], settings['config']['model'])
+    for framework, metrics in report['results'].items():
+      rows.append({'row': row, 'network': TABLE2_ROWS[row], 'framework': framework,
+                   'parameters': count_params(abstract_params(model)),
+                   'steps': settings['steps'], **metrics, 'paper': paper[row]})
+  first = next(iter(reports.values()))['settings']
+  lines = [f"# Table 2 in miniature ({acceleration}x)", '',
+           f"{first['steps']} steps per run, config `{first['config_file']}` "
+           f"({first['overrides'] or 'no overrides'}); machine: {first['machine']}. Paper: "
+           'BraTS at full size, 100k steps.', '',
+           '| network | framework | parameters | seeds | PSNR | SSIM | paper PSNR / SSIM |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    psnr, ssim = r['eval_psnr'], r['eval_ssim']
+    reference = f'{r["paper"][0]:.2f} / {r["paper"][1]:.3f}' if r['paper'] else '-'
+    lines.append(f"| {r['network']} | {r['framework']} | {r['parameters']:,} | {psnr['seeds']} "
+                 f"| {psnr['mean']:.2f} +- {psnr['std']:.2f} | {ssim['mean']:.4f} +- "
+                 f"{ssim['std']:.4f} | {reference} |")
+  text = '\n'.join(lines) + '\n'
+  write_together({
+      out / 'table2.md': lambda tmp: tmp.write_text(text),
+      out / 'table2.json': lambda tmp: tmp.write_text(json.dumps({'rows': rows}, indent=1)),
+  }, overwrite=True)
+  return text

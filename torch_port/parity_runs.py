@@ -30,7 +30,7 @@ import torch
 from fsmnet_jax import evaluate, mesh as mesh_lib, train
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import write_atomically
-from fsmnet_jax.model import FSMNet
+from fsmnet_jax.model import FSMNet, build_model
 from torch_port.convert import torch_to_flax
 from torch_port.evaluate import reference_scores
 from torch_port.model import TorchFSMNet
@@ -46,6 +46,29 @@ SNAPSHOTS_FILE = 'snapshots.npz'
 def run_name(framework: str, seed: int) -> str:
   """The folder of a run in OUT/runs."""
   return f'{framework}-seed{seed}'
+
+
+# The paper's Table 2, row by row: each row adds one part to the one before.
+TABLE2_ROWS = {
+    'mdunet': 'multi-modal U-Net, concat fusion (MDUNet)',
+    'fsfe': '+ FSFE (frequency and spatial branches)',
+    'cms': '+ CMS-fusion',
+    'fsmnet': '+ FS-fusion (FSMNet)',
+}
+
+
+def table2_config(config: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
+  """`config` changed to the network of Table 2's `row`. MDUNet gets half of FSMNet's
+  `num_features` as its first width, as in the reference (32 against 64)."""
+  config = copy.deepcopy(config)
+  if row == 'mdunet':
+    config.model_name = 'mdunet'
+    config.model.num_features = max(1, config.model.num_features // 2)
+    return config
+  config.model_name = 'fsmnet'
+  config.model.update(use_frequency_branch=True, use_cms_fusion=row in ('cms', 'fsmnet'),
+                      use_fs_fusion=row == 'fsmnet')
+  return config
 
 
 def run_config(config: ml_collections.ConfigDict, seed: int, float64: bool
@@ -87,13 +110,14 @@ def flatten(params: Any) -> np.ndarray:
 
 
 class _JaxRun:
-  """fsmnet_jax's training state and step, from the given Flax parameters."""
+  """fsmnet_jax's training state and step, from the given Flax parameters (None: drawn from
+  `config.seed`, as fsmnet-train draws them)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+  def __init__(self, config: ml_collections.ConfigDict, params: Any | None):
     self.config = config
     mesh = train.make_mesh(config)
     train.check_config(config, mesh)
-    model = FSMNet(**config.model)
+    model = build_model(config.model_name, config.model)
     self.state = train.create_train_state(config, model, mesh, params)
     self._step = train.jit_train_step(config, mesh, self.state)
     self._rows = mesh_lib.rows(mesh)
@@ -150,11 +174,12 @@ class _TorchRun:
 
 
 def _start(framework: str, config: ml_collections.ConfigDict,
-           initial: dict[str, torch.Tensor]) -> _JaxRun | _TorchRun:
+           initial: dict[str, torch.Tensor] | None) -> _JaxRun | _TorchRun:
   float64 = config.train.compute_dtype == 'float64'
   if framework == 'jax':
-    params = torch_to_flax(initial, FSMNet(**config.model))['params']
-    return _JaxRun(config, params)
+    if initial is None:
+      return _JaxRun(config, None)
+    return _JaxRun(config, torch_to_flax(initial, FSMNet(**config.model))['params'])
   if framework == 'torch-1thread':
     torch.set_num_threads(1)
   return _TorchRun(config, initial, torch.float64 if float64 else torch.float32,
@@ -168,9 +193,10 @@ def _batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray
 
 
 def train_run(framework: str, config: ml_collections.ConfigDict, steps: int,
-              initial: dict[str, torch.Tensor], run_dir: Path) -> dict[str, Any]:
-  """Trains `framework` for `steps` from the `initial` state_dict on `config`'s batches and
-  writes `run_dir` (see the module docstring); returns its run.json contents."""
+              initial: dict[str, torch.Tensor] | None, run_dir: Path) -> dict[str, Any]:
+  """Trains `framework` for `steps` from the `initial` state_dict (None: a JAX run of a
+  network the twin lacks, initialised by fsmnet_jax) on `config`'s batches and writes
+  `run_dir` (see the module docstring); returns its run.json contents."""
   started = time.perf_counter()
   run = _start(framework, config, initial)
   snapshots = {'step_0': flatten(run.params())}

@@ -21,7 +21,7 @@ import ml_collections
 from fsmnet_jax import configs, inference
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import DataError
-from fsmnet_jax.model import FSMNet
+from fsmnet_jax.model import FSMNet, build_model
 from fsmnet_jax.orbax_logs import hide_orbax_logs
 
 CONFIG_DIR = Path(configs.__file__).parent  # the checkout's configs/, installed with the package
@@ -181,7 +181,8 @@ def load_model(checkpoint: Path, config_file: Path | None, default_config: str
     config = load_config_file(CONFIG_DIR / f'{default_config}.py')
     params, model = load_params(checkpoint, None, config.model.use_spa_att)
     return config, params, model
-  params, model = load_params(checkpoint, FSMNet(**config.model))
+  params, model = load_params(checkpoint, build_model(config.get('model_name', 'fsmnet'),
+                                                     config.model))
   return config, params, model
 
 

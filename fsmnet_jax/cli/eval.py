@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from fsmnet_jax import evaluate, inference
 from fsmnet_jax.cli.common import load_params, run_absl_app, run_reporting_errors
-from fsmnet_jax.model import FSMNet
+from fsmnet_jax.model import build_model
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (the data and model '
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
 def _evaluate() -> None:
   config, checkpoint = FLAGS.config, Path(FLAGS.checkpoint)
   out = Path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
-  params, model = load_params(checkpoint, FSMNet(**config.model))
+  params, model = load_params(checkpoint, build_model(config.model_name, config.model))
   report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
                              FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
   print((out / 'table1.md').read_text())
