@@ -145,7 +145,7 @@ class _TorchRun:
   def __init__(self, config: ml_collections.ConfigDict, state_dict: dict[str, torch.Tensor],
                dtype: torch.dtype, one_ulp_up: bool = False):
     self.config, self.dtype = config, dtype
-    self._model_config = FSMNet(**config.model)
+    self._flax_model = FSMNet(**config.model)  # for the conversion of snapshots
     model = TorchFSMNet(**config.model)
     model.load_state_dict(state_dict, strict=True)
     model.to(dtype)
@@ -163,7 +163,7 @@ class _TorchRun:
     return loss, learning_rate
 
   def params(self) -> Any:
-    return torch_to_flax(self.trainer.state_dicts()['params'], self._model_config)['params']
+    return torch_to_flax(self.trainer.state_dicts()['params'], self._flax_model)['params']
 
   def evaluate(self) -> dict[str, float]:
     model = self.trainer.model
