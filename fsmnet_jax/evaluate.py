@@ -32,7 +32,7 @@ from fsmnet_jax.data import kspace, pipeline, transforms
 from fsmnet_jax.files import refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet
-from fsmnet_jax.reporting import ProgressBar
+from fsmnet_jax.reporting import ProgressBar, new_figure
 
 METHOD_NAMES = {'zero_filled': 'Zero-filling', 'fsmnet': 'FSMNet',
                 'fsmnet_dc': 'FSMNet + data consistency'}
@@ -181,14 +181,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writerows(rows)
 
 
-def _figure(size: tuple[float, float]) -> Any:
-  """A matplotlib Figure, built and saved directly: no pyplot, display or backend needed.
-  Imported here, not at the top: matplotlib takes ~1-2 s to import, which every fsmnet-train
-  start would pay for figures only fsmnet-eval draws."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  return Figure(figsize=size)
-
-
 def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: str,
                path: Path) -> None:
   """Reference | zero-filled | FSMNet | ground truth | |FSMNet - GT| for one slice."""
@@ -200,7 +192,7 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
              (f'zero-filled {scores["zero_filled_psnr"]:.2f} dB', images['zero_filled'], scale),
              (f'FSMNet {scores["fsmnet_psnr"]:.2f} dB', images['fsmnet'], scale),
              ('ground truth', target, scale)]
-  figure = _figure((17, 3.8))
+  figure = new_figure((17, 3.8))
   axes = figure.subplots(1, 5)
   for axis, (label, image, vmax) in zip(axes, columns):
     axis.imshow(image, cmap='gray', vmin=0, vmax=vmax)
@@ -217,7 +209,7 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
 
 def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
   """PSNR of every slice against its index in the volume, with the mean per index."""
-  figure = _figure((8, 4.5))
+  figure = new_figure((8, 4.5))
   axis = figure.subplots()
   positions = np.array([r['slice'] for r in rows])
   for method in methods:

@@ -187,13 +187,15 @@ FSMNetTiny = functools.partial(FSMNet, num_features=8, num_res_blocks=1, num_hea
 MODEL_NAMES = ('fsmnet', 'mdunet')
 
 
-def build_model(model_name: str, model_config: Mapping[str, Any]) -> nn.Module:
-  """`config.model_name`'s network: FSMNet(**config.model), or the paper's MDUNet baseline,
-  which takes only config.model.num_features (its first level's width)."""
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+  """`config.model_name`'s network (a ConfigDict or its dict): FSMNet(**config.model), or the
+  paper's MDUNet baseline, which takes only config.model.num_features (its first level's
+  width). Runs of before model_name existed are FSMNet's."""
+  model_name = config.get('model_name', 'fsmnet')
   if model_name == 'fsmnet':
-    return FSMNet(**model_config)
+    return FSMNet(**config['model'])
   if model_name == 'mdunet':
-    return baselines.MDUNet(num_features=model_config['num_features'])
+    return baselines.MDUNet(num_features=config['model']['num_features'])
   raise ValueError(f'config.model_name={model_name!r}: use one of {", ".join(MODEL_NAMES)}')
 
 

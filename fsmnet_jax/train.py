@@ -66,7 +66,13 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
 
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   """Raises ConfigError for settings that cannot run on `mesh`, before any data or compute."""
-  data_size, processes = mesh.shape['data'], jax.process_count()
+  check_settings(config, mesh.shape['data'], jax.process_count())
+
+
+def check_settings(config: ml_collections.ConfigDict, data_size: int = 1, processes: int = 1
+                   ) -> None:
+  """`check_config` for a data axis of `data_size` devices over `processes` processes, without
+  touching a device (a launcher checks its runs' config with it)."""
   train, size = config.train, config.data.image_size
   problems = []
   if config.model_name not in MODEL_NAMES:
@@ -368,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config, mesh)
   _check_writable(workdir)
   is_chief = jax.process_index() == 0
-  model = build_model(config.model_name, config.model)
+  model = build_model(config)
   train_source = pipeline.make_source(config, 'train')
   train_loader = pipeline.make_loader(config, 'train',
                                       config.train.batch_size // jax.process_count(),

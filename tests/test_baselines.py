@@ -49,9 +49,9 @@ def test_instance_norm_and_transposed_convolution_are_torchs():
 
 def test_model_name_selects_the_network_and_its_size_multiple():
   config = tiny.get_config()
-  assert type(build_model(config.model_name, config.model)).__name__ == 'FSMNet'
+  assert type(build_model(config)).__name__ == 'FSMNet'
   config.model_name = 'mdunet'
-  assert build_model(config.model_name, config.model) == MDUNet(config.model.num_features)
+  assert build_model(config) == MDUNet(config.model.num_features)
   mesh = train.make_mesh(config)
   config.data.image_size = 40  # a multiple of FSMNet's 8, not of MDUNet's 16
   with pytest.raises(train.ConfigError, match='image_size=40 must be divisible by 16'):

@@ -20,13 +20,15 @@ import pytest
 torch = pytest.importorskip('torch')
 
 # pylint: disable=wrong-import-position
+from fsmnet_jax import train
 from fsmnet_jax.baselines import MDUNet
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.model import abstract_params, count_params
 from torch_port import TorchFSMNet
 from torch_port.parity_cli import main
+from torch_port.parity_report import noise_verdict, paired_difference, failed
 from torch_port.parity_runs import TABLE2_ROWS, flatten, table2_config
-from training_runs import SPATIAL_ONLY, compile_cache_env, starting_params
+from training_runs import SPATIAL_ONLY, compile_cache_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -161,6 +163,31 @@ def test_forward_checks_the_weights_of_a_checkpoint(tmp_path):
 
 
 
+def test_verdicts_of_made_up_runs():
+  # Paired differences 0.1 and 0.3: mean 0.2, standard deviation 0.1414, t(0.975, 1) 12.706.
+  interval = paired_difference({0: 30.1, 1: 30.3, 2: 29.0}, {0: 30.0, 1: 30.0})
+  assert interval['seeds'] == 2 and interval['difference'] == pytest.approx(0.2)
+  assert interval['high'] - interval['difference'] == pytest.approx(12.706 * 0.1, rel=1e-4)
+  assert paired_difference({0: 30.1}, {0: 30.0}) is None
+  curves = {'jax': {'loss': [0.0] * 3, 'params': {1: 3e-5, 2: 1e-4, 3: 0.0}},
+            'torch-ulp': {'loss': [0.0] * 3, 'params': {1: 1e-5, 2: 0.0, 3: 0.0}},
+            'torch-1thread': {'loss': [0.0] * 3, 'params': {1: 2e-5, 2: 0.0, 3: 0.0}}}
+  numerics = noise_verdict(curves, float64=False)['same_numerics']
+  # Against the larger of the two noise curves; a difference where the reference has none
+  # fails; none where it has none is agreement.
+  assert numerics['ratios'] == {1: 1.5, 2: float('inf'), 3: 0.0}
+  assert numerics['passed'] is False
+  curves['jax']['params'][2] = 0.0
+  assert noise_verdict(curves, float64=False)['same_numerics']['passed'] is True
+  # float64 judges the first steps by the loss, and the later ones against one ulp only.
+  curves['jax']['loss'] = [1e-12, 2e-10, 3e-9]
+  verdict = noise_verdict(curves, float64=True)
+  assert verdict['same_algorithm']['passed'] is False  # 3e-9 > 1e-9
+  assert verdict['same_numerics']['passed'] is None  # no step after the third to judge
+  assert failed({'same_result': None, 'verdicts': {'0': verdict}}) == [
+      'same_algorithm (seed 0)']
+
+
 def test_table2_rows_are_the_papers_networks():
   config = tiny.get_config()
   networks = {row: table2_config(config, row) for row in TABLE2_ROWS}
@@ -189,8 +216,10 @@ def test_ablation_writes_table2_beside_the_papers(tmp_path, data_root, compile_c
   assert '| multi-modal U-Net, concat fusion (MDUNet) | jax |' in stdout
   # No twin, no reference initialisation: each seed starts where fsmnet-train would.
   assert not (out / 'mdunet' / 'initial').exists()
+  config = table2_config(tiny.get_config(), 'mdunet')
   for seed in (0, 1):
-    expected = starting_params(model, seed)
+    config.seed = seed
+    expected = train.create_train_state(config, model, train.make_mesh(config)).params
     np.testing.assert_array_equal(_snapshots(out / 'mdunet', f'jax-seed{seed}')['step_0'],
                                   flatten(expected))
   status, _, stderr = _parity('ablation', '--config', str(REPO / 'configs/tiny.py'),

@@ -13,6 +13,7 @@ import pytest
 from fsmnet_jax.configs import default, tiny
 from fsmnet_jax import mesh as mesh_lib, train
 from fsmnet_jax.data.pipeline import SliceRecord
+from fsmnet_jax.model import build_model
 from training_runs import SPATIAL_BRANCH, UNOPTIMIZED_CODE, assert_bitwise_equal, relative_l2
 
 
@@ -53,7 +54,7 @@ def _train_step(**train_overrides):
   config.train.update(train_overrides)
   config.model.update(SPATIAL_BRANCH)
   mesh = train.make_mesh(config)
-  state = train.create_train_state(config, train.FSMNet(**config.model), mesh)
+  state = train.create_train_state(config, build_model(config), mesh)
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
            for k in ('target_under', 'aux', 'target')}

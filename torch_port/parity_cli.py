@@ -16,12 +16,14 @@ the four networks of the paper's Table 2 that way and writes OUT/table2.md.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_collections
 
+from fsmnet_jax import train as train_lib
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.cli.common import (RUN_FAULTS, load_config_file, override_config,
                                    run_reporting_errors)
@@ -33,7 +35,7 @@ from torch_port.checkpoint import load_state_dict, save_state_dict
 from torch_port.cli import describe, load_both, report_parity
 from torch_port.convert import ConversionError
 from torch_port.model import TorchFSMNet
-from torch_port.parity_report import markdown, write_report, write_table2
+from torch_port.parity_report import failed, markdown, write_report, write_table2
 from torch_port.parity_runs import (FRAMEWORKS, REFERENCE, REFERENCE_NOISE, RUN_FILE,
                                     TABLE2_ROWS, initial_state_dict, run_config, run_name,
                                     table2_config, train_run)
@@ -123,18 +125,19 @@ def _frameworks(text: str) -> list[str]:
 
 
 def _check_buildable(config: ml_collections.ConfigDict, frameworks: list[str]) -> None:
-  """ValueError naming what of `config` the frameworks cannot run."""
-  if config.train.compute_dtype != 'float32':
-    raise ValueError(f'config.train.compute_dtype={config.train.compute_dtype!r}: the torch '
-                     'twin trains in float32, or in float64 with --float64; leave it float32')
-  if config.mesh.model != 1:
-    raise ValueError(f'config.mesh.model={config.mesh.model}: the torch twin has no model '
-                     'parallelism; use 1')
+  """ValueError naming what of `config` the frameworks cannot run, before any run starts."""
+  train_lib.check_settings(config)  # each run has one device
   try:
-    build_model(config.model_name, config.model)
+    build_model(config)
   except (TypeError, ValueError) as e:
     raise ValueError(f'config.model cannot be built: {e}') from e
   if frameworks != ['jax']:
+    if config.train.compute_dtype != 'float32':
+      raise ValueError(f'config.train.compute_dtype={config.train.compute_dtype!r}: the torch '
+                       'twin trains in float32, or in float64 with --float64; leave it float32')
+    if config.mesh.model != 1:
+      raise ValueError(f'config.mesh.model={config.mesh.model}: the torch twin has no model '
+                       'parallelism; use 1')
     if config.model_name != 'fsmnet':
       raise ValueError(f'config.model_name={config.model_name!r}: the torch twin is FSMNet '
                        'only; train this network with --frameworks jax')
@@ -197,7 +200,10 @@ def _launch(out: Path, framework: str, seed: int, float64: bool) -> None:
   """Runs one (framework, seed) in a process of its own, its output in runs/NAME.log."""
   name = run_name(framework, seed)
   log = out / 'runs' / f'{name}.log'
-  env = {**os.environ, 'JAX_ENABLE_X64': '1' if float64 else '0'}
+  env = {**os.environ, **({'JAX_ENABLE_X64': '1'} if float64 else {})}
+  # What a run killed while writing left (its folder is written under a temporary name).
+  for leftover in (out / 'runs').glob(f'.partial-*-{name}'):
+    shutil.rmtree(leftover)
   with open(log, 'w') as stream:
     returncode = subprocess.run(
         [sys.executable, '-m', 'torch_port.parity_cli', 'worker', '--out', str(out),
@@ -242,7 +248,15 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
               if line.startswith(('## Seed', '- '))]
   print('\n'.join(verdicts))
   print(f'wrote {args.out / "report.md"}, report.json, curves.png, divergence.png')
-  return 0
+  return _status(report)
+
+
+def _status(report: dict) -> int:
+  """1 (and the failed verdicts on stderr) if a verdict failed, else 0."""
+  names = failed(report)
+  if names:
+    print(f'fsmnet-parity: FAIL: {", ".join(names)}', file=sys.stderr)
+  return 1 if names else 0
 
 
 def ablation(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -254,12 +268,14 @@ def ablation(args: argparse.Namespace, overrides: list[str]) -> int:
   rows = {row: table2_config(base, row) for row in TABLE2_ROWS if row in chosen}
   settings = {row: _settings(args, config, frameworks, overrides, float64=False)
               for row, config in rows.items()}
+  for row, row_settings in settings.items():  # a folder of other runs stops it before any run
+    _claim(args.out / row, row_settings)
   reports = {}
   for row, config in rows.items():
     print(f'Table 2, {TABLE2_ROWS[row]}:', flush=True)
     reports[row] = _run_seeds(args.out / row, config, settings[row], frameworks, args.seeds, 0)
   print(write_table2(args.out, reports, base.data.acceleration))
-  return 0
+  return max(_status(report) for report in reports.values())
 
 
 def worker(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from scipy import stats
 
 from fsmnet_jax.files import write_together
 from fsmnet_jax.model import abstract_params, build_model, count_params
+from fsmnet_jax.reporting import new_figure
 from torch_port.parity_runs import (REFERENCE, REFERENCE_NOISE, RUN_FILE, SNAPSHOTS_FILE,
                                     TABLE2_ROWS, run_name)
 
@@ -57,9 +58,16 @@ def _relative_distances(runs_dir: Path, name: str, other: str) -> dict[int, floa
     distances = {}
     for key in sorted(set(a.files) & set(b.files) - {'step_0'}):
       x, y = a[key].astype(np.float64), b[key].astype(np.float64)
-      distances[int(key.removeprefix('step_'))] = float(
-          np.linalg.norm(x - y) / np.linalg.norm(y - initial))
+      distances[int(key.removeprefix('step_'))] = _ratio(np.linalg.norm(x - y),
+                                                         np.linalg.norm(y - initial))
   return distances
+
+
+def _ratio(value: float, reference: float) -> float:
+  """value / reference, with 0 / 0 = 0 (nothing moved, nothing differs)."""
+  if reference == 0:
+    return 0.0 if value == 0 else math.inf
+  return float(value / reference)
 
 
 def divergence(runs_dir: Path, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -85,7 +93,7 @@ def divergence(runs_dir: Path, runs: list[dict[str, Any]]) -> dict[str, dict[str
   return result
 
 
-def _noise_verdict(curves: dict[str, Any], float64: bool) -> dict[str, Any] | None:
+def noise_verdict(curves: dict[str, Any], float64: bool) -> dict[str, Any] | None:
   """Level 2 (and level 1 in float64) for one seed, or None without the runs it needs."""
   if COMPARED not in curves:
     return None
@@ -102,18 +110,17 @@ def _noise_verdict(curves: dict[str, Any], float64: bool) -> dict[str, Any] | No
            if framework in curves]
   if noise:
     factor = FLOAT64_NOISE_FACTOR if float64 else FLOAT32_NOISE_FACTOR
-    ratios = {}
-    for step, distance in ours['params'].items():
-      if float64 and step <= FLOAT64_STEPS:
-        continue
-      band = max(curves[f]['params'].get(step, 0.0) for f in noise)
-      ratios[step] = distance / band if band else math.inf
+    ratios = {step: _ratio(distance, max(curves[f]['params'].get(step, 0.0) for f in noise))
+              for step, distance in ours['params'].items()
+              if not (float64 and step <= FLOAT64_STEPS)}
+    # None: no step to judge (a float64 run of no more than FLOAT64_STEPS steps).
+    passed = all(r <= factor for r in ratios.values()) if ratios else None
     verdict['same_numerics'] = {'against': noise, 'factor': factor, 'ratios': ratios,
-                                'passed': all(r <= factor for r in ratios.values())}
+                                'passed': passed}
   return verdict
 
 
-def _paired_difference(ours: dict[int, float], theirs: dict[int, float]
+def paired_difference(ours: dict[int, float], theirs: dict[int, float]
                        ) -> dict[str, float] | None:
   """Mean over seeds of ours - theirs, with its 95% confidence interval (Student's t over the
   per-seed differences: runs of one seed share their initial weights and batches, so pairing
@@ -147,14 +154,14 @@ def summarize(runs_dir: Path, runs: list[dict[str, Any]], float64: bool) -> dict
   if COMPARED in final and REFERENCE in final:
     same_result = {}
     for metric, margin in SAME_RESULT_MARGIN.items():
-      interval = _paired_difference(final[COMPARED][metric], final[REFERENCE][metric])
+      interval = paired_difference(final[COMPARED][metric], final[REFERENCE][metric])
       if interval is not None:
         interval['passed'] = (interval['low'] <= 0 <= interval['high']
                               and -margin <= interval['low'] and interval['high'] <= margin)
         interval['margin'] = margin
       same_result[metric] = interval
   curves = divergence(runs_dir, runs)
-  verdicts = {seed: v for seed, c in curves.items() if (v := _noise_verdict(c, float64))}
+  verdicts = {seed: v for seed, c in curves.items() if (v := noise_verdict(c, float64))}
   return {'results': results, 'same_result': same_result, 'divergence': curves,
           'verdicts': verdicts}
 
@@ -199,9 +206,10 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any]) -> str:
     if 'same_numerics' in verdict:
       level = verdict['same_numerics']
       worst = max(level['ratios'].values(), default=0.0)
+      outcome = {True: 'PASS', False: 'FAIL', None: 'no step after the first ones to judge'}
       lines.append(f"- parameter distance jax-torch over the reference's own "
                    f"({', '.join(level['against'])}): worst {worst:.2f} (<= "
-                   f"{level['factor']:g}): {'PASS' if level['passed'] else 'FAIL'}")
+                   f"{level['factor']:g}): {outcome[level['passed']]}")
     curves = summary['divergence'][seed]
     steps = sorted(curves[COMPARED]['params'])
     lines += ['', '| step | ' + ' | '.join(f'{f} vs {REFERENCE}' for f in curves) + ' |',
@@ -212,15 +220,10 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _figure(size: tuple[float, float]) -> Any:
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  return Figure(figsize=size)
-
-
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
   """Training loss and test PSNR against step: each framework's mean over seeds, with its
   min-max band (the reference-noise runs, of fewer seeds, left out)."""
-  figure = _figure((12, 4.5))
+  figure = new_figure((12, 4.5))
   loss_axis, psnr_axis = figure.subplots(1, 2)
   frameworks = {r['framework'] for r in runs}
   for framework in sorted(frameworks - set(REFERENCE_NOISE) or frameworks):
@@ -246,7 +249,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
 
 def plot_divergence(curves: dict[str, dict[str, Any]], path: Path) -> None:
   """Parameter distance and loss difference from the reference, per seed and framework."""
-  figure = _figure((12, 4.5))
+  figure = new_figure((12, 4.5))
   params_axis, loss_axis = figure.subplots(1, 2)
   styles = {COMPARED: '-', **{f: ':' for f in REFERENCE_NOISE}}
   colors = {}  # one per framework, labelled once
@@ -274,6 +277,27 @@ def plot_divergence(curves: dict[str, dict[str, Any]], path: Path) -> None:
   figure.savefig(path, dpi=100, bbox_inches='tight')
 
 
+def _json_safe(value: Any) -> Any:
+  """`value` with infinities and NaN as strings, which strict JSON readers accept."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def failed(report: dict[str, Any]) -> list[str]:
+  """The verdicts of `report` that failed, by name."""
+  names = [f'same result ({metric})' for metric, interval in (report['same_result'] or {}).items()
+           if interval is not None and not interval['passed']]
+  for seed, verdict in report['verdicts'].items():
+    names += [f'{level} (seed {seed})' for level, result in verdict.items()
+              if result['passed'] is False]
+  return names
+
+
 def write_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
   """report.json, report.md, curves.png and divergence.png in `out` from its finished runs
   (replacing earlier ones together); returns report.json's contents."""
@@ -284,7 +308,7 @@ def write_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
             'runs': [{k: r[k] for k in ('framework', 'seed', 'dtype', 'losses', 'eval', 'evals',
                                         'learning_rates', 'seconds')} for r in runs]}
   write_together({
-      out / 'report.json': lambda tmp: tmp.write_text(json.dumps(report, indent=1)),
+      out / 'report.json': lambda tmp: tmp.write_text(json.dumps(_json_safe(report), indent=1)),
       out / 'report.md': lambda tmp: tmp.write_text(markdown(settings, summary)),
       out / 'curves.png': lambda tmp: plot_curves(runs, tmp),
       out / 'divergence.png': lambda tmp: plot_divergence(summary['divergence'], tmp),
@@ -299,7 +323,7 @@ def write_table2(out: Path, reports: dict[str, dict[str, Any]], acceleration: in
   rows = []
   for row, report in reports.items():
     settings = report['settings']
-    model = build_model(settings['config']['model_name'], settings['config']['model'])
+    model = build_model(settings['config'])
     for framework, metrics in report['results'].items():
       rows.append({'row': row, 'network': TABLE2_ROWS[row], 'framework': framework,
                    'parameters': count_params(abstract_params(model)),

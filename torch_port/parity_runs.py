@@ -117,7 +117,7 @@ class _JaxRun:
     self.config = config
     mesh = train.make_mesh(config)
     train.check_config(config, mesh)
-    model = build_model(config.model_name, config.model)
+    model = build_model(config)
     self.state = train.create_train_state(config, model, mesh, params)
     self._step = train.jit_train_step(config, mesh, self.state)
     self._rows = mesh_lib.rows(mesh)
@@ -220,5 +220,6 @@ def train_run(framework: str, config: ml_collections.ConfigDict, steps: int,
     np.savez(folder / SNAPSHOTS_FILE, **snapshots)
     (folder / RUN_FILE).write_text(json.dumps(result, indent=1))
 
-  write_atomically(run_dir, write)
+  # The launcher starts a run only where run.json is missing: what is there is unfinished.
+  write_atomically(run_dir, write, overwrite=True)
   return result

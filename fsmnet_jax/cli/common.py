@@ -125,23 +125,28 @@ def load_config_file(path: Path) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def override_config(config: ml_collections.ConfigDict, assignments: list[str]
+def override_config(config: ml_collections.ConfigDict, arguments: list[str]
                     ) -> ml_collections.ConfigDict:
-  """`config` with `--config.key=value` assignments applied (as fsmnet-train's command line
-  does them); each value is read as the type of the key's default."""
-  for assignment in assignments:
-    name, has_value, text = assignment.removeprefix('--config.').partition('=')
-    if not assignment.startswith('--config.') or not has_value:
-      raise ValueError(f'{assignment}: expected --config.key=value')
+  """`config` with the `--config.key=value` (or `--config.key value`) arguments applied, as
+  fsmnet-train's command line applies them: each value read as the type of the key's default."""
+  arguments = list(arguments)
+  while arguments:
+    argument = arguments.pop(0)
+    name, has_value, text = argument.removeprefix('--config.').partition('=')
+    if argument.startswith('--config.') and not has_value and arguments and \
+        not arguments[0].startswith('--'):
+      has_value, text = True, arguments.pop(0)
+    if not argument.startswith('--config.') or not has_value:
+      raise ValueError(f'{argument}: expected --config.key=value')
     *sections, key = name.split('.')
     parent = config
     for section in sections:
-      parent = parent.get(section)
-      if not isinstance(parent, ml_collections.ConfigDict):
-        raise ValueError(f'--config.{name}: no such config key')
-    if key not in parent:
+      parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
+    if not isinstance(parent, ml_collections.ConfigDict) or key not in parent:
       raise ValueError(f'--config.{name}: no such config key')
     default = parent[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      raise ValueError(f'--config.{name}: a section; set its keys, --config.{name}.KEY=VALUE')
     try:
       if isinstance(default, bool):
         if text.lower() not in ('true', 'false', '1', '0'):
@@ -181,8 +186,7 @@ def load_model(checkpoint: Path, config_file: Path | None, default_config: str
     config = load_config_file(CONFIG_DIR / f'{default_config}.py')
     params, model = load_params(checkpoint, None, config.model.use_spa_att)
     return config, params, model
-  params, model = load_params(checkpoint, build_model(config.get('model_name', 'fsmnet'),
-                                                     config.model))
+  params, model = load_params(checkpoint, build_model(config))
   return config, params, model
 
 

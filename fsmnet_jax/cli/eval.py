@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
 def _evaluate() -> None:
   config, checkpoint = FLAGS.config, Path(FLAGS.checkpoint)
   out = Path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
-  params, model = load_params(checkpoint, build_model(config.model_name, config.model))
+  params, model = load_params(checkpoint, build_model(config))
   report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
                              FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
   print((out / 'table1.md').read_text())
