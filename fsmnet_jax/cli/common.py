@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 import ml_collections
+from ml_collections import config_flags
 
 from fsmnet_jax import configs, inference
 from fsmnet_jax.checkpoint import CheckpointError
@@ -104,15 +105,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:
     problem = f'--config: {str(e).strip().splitlines()[-1].strip()}'
   except (AttributeError, KeyError) as e:
-    while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps its KeyError
-      e = e.args[0]
-    first, *hint = str(e.args[0] if e.args else e).splitlines()  # 'key' [Did you mean ...?]
-    key = first.strip('"\'\\ ')
-    given = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.') and key in arg]
-    problem = (f'{", ".join(given) or key}: no such config key '
-               f'({" ".join(hint).strip() or "see the configs/*.py file"})')
+    problem = _unknown_key(e, argv[1:])
   print(f'{Path(argv[0]).name}: error: {problem}', file=sys.stderr)
   sys.exit(2)
+
+
+def _unknown_key(error: AttributeError | KeyError, arguments: list[str]) -> str:
+  """What ml_collections' error for a --config.key that names no key means, in one line."""
+  while error.args and isinstance(error.args[0], Exception):  # it wraps its KeyError
+    error = error.args[0]
+  first, *hint = str(error.args[0] if error.args else error).splitlines()  # 'key' [Did you ...]
+  key = first.strip('"\'\\ ')
+  given = [arg.split('=')[0] for arg in arguments if arg.startswith('--config.') and key in arg]
+  return (f'{", ".join(given) or key}: no such config key '
+          f'({" ".join(hint).strip() or "see the configs/*.py file"})')
 
 
 def load_config_file(path: Path) -> ml_collections.ConfigDict:
@@ -127,37 +133,21 @@ def load_config_file(path: Path) -> ml_collections.ConfigDict:
 
 def override_config(config: ml_collections.ConfigDict, arguments: list[str]
                     ) -> ml_collections.ConfigDict:
-  """`config` with the `--config.key=value` (or `--config.key value`) arguments applied, as
-  fsmnet-train's command line applies them: each value read as the type of the key's default."""
-  arguments = list(arguments)
-  while arguments:
-    argument = arguments.pop(0)
-    name, has_value, text = argument.removeprefix('--config.').partition('=')
-    if argument.startswith('--config.') and not has_value and arguments and \
-        not arguments[0].startswith('--'):
-      has_value, text = True, arguments.pop(0)
-    if not argument.startswith('--config.') or not has_value:
-      raise ValueError(f'{argument}: expected --config.key=value')
-    *sections, key = name.split('.')
-    parent = config
-    for section in sections:
-      parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
-    if not isinstance(parent, ml_collections.ConfigDict) or key not in parent:
-      raise ValueError(f'--config.{name}: no such config key')
-    default = parent[key]
-    if isinstance(default, ml_collections.ConfigDict):
-      raise ValueError(f'--config.{name}: a section; set its keys, --config.{name}.KEY=VALUE')
-    try:
-      if isinstance(default, bool):
-        if text.lower() not in ('true', 'false', '1', '0'):
-          raise ValueError('expected true or false')
-        value = text.lower() in ('true', '1')
-      else:
-        value = type(default)(text)
-    except ValueError as e:
-      raise ValueError(f'--config.{name}={text}: not a {type(default).__name__} ({e})') from e
-    parent[key] = value
-  return config
+  """`config` with the `--config.key=value` (or `--config.key value`) arguments applied by
+  ml_collections' config flag, as on fsmnet-train's command line."""
+  argv = ['override_config', *arguments]
+  flag_values = flags.FlagValues()
+  try:  # the flag reads its overrides from `argv` as it is defined
+    config_flags.DEFINE_config_dict('config', config, flag_values=flag_values, lock_config=False,
+                                    sys_argv=argv)
+    rest = flag_values(argv)[1:]
+  except flags.Error as e:
+    raise ValueError(str(e)) from e
+  except (AttributeError, KeyError) as e:
+    raise ValueError(_unknown_key(e, arguments)) from e
+  if rest:
+    raise ValueError(f'{" ".join(rest)}: not a --config.key=value argument')
+  return flag_values.config
 
 
 def load_params(checkpoint: Path, model: FSMNet | None = None, use_spa_att: bool = False
