@@ -166,11 +166,15 @@ def _settings(args: argparse.Namespace, config: ml_collections.ConfigDict,
   steps = config.train.num_steps if args.steps is None else args.steps
   if steps < 1 or args.seeds < 1:
     raise ValueError('--steps and --seeds must be at least 1')
-  for split in ('train', 'test'):  # the data is readable before any run starts
-    pipeline.make_source(config, split)
   return {'config_file': str(args.config), 'overrides': ' '.join(overrides),
           'config': config.to_dict(), 'steps': steps,
           'dtype': 'float64' if float64 else 'float32', 'machine': cpu_model()}
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """DataError unless both splits of `config`'s data can be read: before any run starts."""
+  for split in ('train', 'test'):
+    pipeline.make_source(config, split)
 
 
 def _claim(out: Path, settings: dict) -> None:
@@ -218,8 +222,7 @@ def _launch(out: Path, framework: str, seed: int, float64: bool) -> None:
 def _run_seeds(out: Path, config: ml_collections.ConfigDict, settings: dict,
                frameworks: list[str], seeds: int, noise_seeds: int) -> dict:
   """Runs what `out` lacks of `frameworks` x `seeds` (and the reference's noise runs for the
-  first `noise_seeds` seeds); returns the report it then writes."""
-  _claim(out, settings)
+  first `noise_seeds` seeds); returns the report it then writes. `out` is claimed already."""
   (out / 'runs').mkdir(exist_ok=True)
   for index, seed in enumerate(range(config.seed, config.seed + seeds)):
     _initial_weights(out, config, seed)
@@ -243,6 +246,8 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     raise ValueError('--noise-seeds must be at least 0')
   config = override_config(load_config_file(args.config), overrides)
   settings = _settings(args, config, frameworks, overrides, args.float64)
+  _check_data(config)
+  _claim(args.out, settings)
   report = _run_seeds(args.out, config, settings, frameworks, args.seeds, args.noise_seeds)
   verdicts = [line for line in markdown(settings, report).splitlines()
               if line.startswith(('## Seed', '- '))]
@@ -268,6 +273,7 @@ def ablation(args: argparse.Namespace, overrides: list[str]) -> int:
   rows = {row: table2_config(base, row) for row in TABLE2_ROWS if row in chosen}
   settings = {row: _settings(args, config, frameworks, overrides, float64=False)
               for row, config in rows.items()}
+  _check_data(base)  # the rows differ in their network only
   for row, row_settings in settings.items():  # a folder of other runs stops it before any run
     _claim(args.out / row, row_settings)
   reports = {}
