@@ -126,6 +126,7 @@ class _JaxRun:
 
   def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     self.state, metrics = self._step(self.state, mesh_lib.global_batch(batch, self._rows))
+    metrics = jax.device_get(metrics)  # one wait for the step, not one per value
     if not metrics['finite']:
       raise FloatingPointError('the loss or its gradient is not finite')
     return float(metrics['loss']), float(metrics['learning_rate'])
