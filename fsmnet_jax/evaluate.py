@@ -1,4 +1,4 @@
-"""Evaluation on a data split: FSMNet next to zero-filling, in the paper's Table 1 form.
+"""Evaluation on a data split: the network next to zero-filling, in the paper's Table 1 form.
 
 `SplitEvaluator` runs the one jitted `eval_step` over a split; training evaluates with it, and
 `evaluate(config, params, model, out_dir)` (fsmnet-eval) scores every slice with it, sharded over
@@ -7,7 +7,7 @@ the local devices, and writes into `out_dir` (atomically: complete or absent):
   table1.md         method x {PSNR, SSIM, NMSE} as mean ± std (Table 1 of the paper)
   slices.csv        subject, slice and every method's metrics, one row per slice
   volumes.csv       the fastMRI convention, one row per subject/volume
-  panels/*.png      reference | zero-filled | FSMNet | ground truth | error map, a few slices
+  panels/*.png      reference | zero-filled | network | ground truth | error map, a few slices
   psnr_per_slice.png  PSNR against the slice's position in its volume
 """
 
@@ -34,8 +34,9 @@ from fsmnet_jax.inference import data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.reporting import ProgressBar, new_figure
 
-METHOD_NAMES = {'zero_filled': 'Zero-filling', 'fsmnet': 'FSMNet',
-                'fsmnet_dc': 'FSMNet + data consistency'}
+# Method keys of the reports (metrics.json, the CSV columns): 'fsmnet' is the evaluated
+# network, whichever it is (its name is in metrics.json's 'network' and labels the tables).
+METHODS = ('zero_filled', 'fsmnet', 'fsmnet_dc')
 METRICS = ('psnr', 'ssim', 'nmse')
 ERROR_MAP_MAX = 0.1  # error-map colour scale: 0 .. 10% of the slice's ground-truth maximum
 BATCH_KEYS = ('target_under', 'aux', 'target', 'mask', 'mean', 'std')
@@ -142,7 +143,7 @@ def _volume_scores(images: dict[str, list[np.ndarray]], ssim_fn: Callable, batch
   target = np.stack(images['target'])
   data_range = np.float32(target.max())
   scores = {}
-  for method in (m for m in METHOD_NAMES if m in images):
+  for method in (m for m in METHODS if m in images):
     prediction = np.stack(images[method])
     squared_error = float(np.sum((target.astype(np.float64) - prediction) ** 2))
     ssims = [np.asarray(ssim_fn(pad_rows(target[i:i + batch], batch),
@@ -155,6 +156,12 @@ def _volume_scores(images: dict[str, list[np.ndarray]], ssim_fn: Callable, batch
   return scores
 
 
+def method_labels(network: str) -> dict[str, str]:
+  """Each method key's label in tables and figures, `network` the evaluated one's name."""
+  return {'zero_filled': 'Zero-filling', 'fsmnet': network,
+          'fsmnet_dc': f'{network} + data consistency'}
+
+
 def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, dict]]:
   """{method: {metric: {'mean', 'std'}}} over `rows` (population std, as numpy's default)."""
   return {m: {k: {'mean': float(np.mean([r[f'{m}_{k}'] for r in rows])),
@@ -162,15 +169,17 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
           for m in methods}
 
 
-def table1_markdown(summary: dict[str, dict[str, dict]], acceleration: int, title: str) -> str:
+def table1_markdown(summary: dict[str, dict[str, dict]], acceleration: int, title: str,
+                    network: str = 'FSMNet') -> str:
   """The paper's Table 1 layout: one row per method, PSNR/SSIM/NMSE as mean ± std."""
+  labels = method_labels(network)
   formats = {'psnr': '.2f', 'ssim': '.4f', 'nmse': '.4f'}
   header = ' | '.join(f'{k.upper()} ({acceleration}x)' for k in METRICS)
   lines = [title, '', f'| Method | {header} |', '|---|' + '---|' * len(METRICS)]
   for method, scores in summary.items():
     cells = ' | '.join(f'{scores[k]["mean"]:{formats[k]}} ± {scores[k]["std"]:{formats[k]}}'
                        for k in METRICS)
-    lines.append(f'| {METHOD_NAMES[method]} | {cells} |')
+    lines.append(f'| {labels[method]} | {cells} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -182,15 +191,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: str,
-               path: Path) -> None:
-  """Reference | zero-filled | FSMNet | ground truth | |FSMNet - GT| for one slice."""
+               path: Path, network: str = 'FSMNet') -> None:
+  """Reference | zero-filled | the network | ground truth | |network - GT| for one slice."""
   target = images['target']
   scale = max(float(target.max()), 1e-12)
   reference = images['aux']
   reference = (reference - reference.min()) / max(float(np.ptp(reference)), 1e-12)
   columns = [('reference contrast', reference, 1.0),
              (f'zero-filled {scores["zero_filled_psnr"]:.2f} dB', images['zero_filled'], scale),
-             (f'FSMNet {scores["fsmnet_psnr"]:.2f} dB', images['fsmnet'], scale),
+             (f'{network} {scores["fsmnet_psnr"]:.2f} dB', images['fsmnet'], scale),
              ('ground truth', target, scale)]
   figure = new_figure((17, 3.8))
   axes = figure.subplots(1, 5)
@@ -199,7 +208,7 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
     axis.set_title(label, fontsize=10)
   error_map = axes[4].imshow(np.abs(images['fsmnet'] - target) / scale, cmap='inferno', vmin=0,
                              vmax=ERROR_MAP_MAX)
-  axes[4].set_title('|FSMNet - GT| / max(GT)', fontsize=10)
+  axes[4].set_title(f'|{network} - GT| / max(GT)', fontsize=10)
   figure.colorbar(error_map, ax=axes[4], fraction=0.046, pad=0.04)
   for axis in axes:
     axis.axis('off')
@@ -207,8 +216,10 @@ def plot_panel(images: dict[str, np.ndarray], scores: dict[str, float], title: s
   figure.savefig(path, dpi=100, bbox_inches='tight')
 
 
-def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: Path,
+                          network: str = 'FSMNet') -> None:
   """PSNR of every slice against its index in the volume, with the mean per index."""
+  labels = method_labels(network)
   figure = new_figure((8, 4.5))
   axis = figure.subplots()
   positions = np.array([r['slice'] for r in rows])
@@ -217,7 +228,7 @@ def plot_psnr_by_position(rows: list[dict[str, Any]], methods: list[str], path: 
     points = axis.scatter(positions, values, s=6, alpha=0.3)
     unique = np.unique(positions)
     axis.plot(unique, [values[positions == p].mean() for p in unique],
-              color=points.get_facecolor()[0][:3], label=METHOD_NAMES[method])
+              color=points.get_facecolor()[0][:3], label=labels[method])
   axis.set_xlabel('slice index in the volume')
   axis.set_ylabel('PSNR (dB, reference convention)')
   axis.grid(alpha=0.3)
@@ -244,7 +255,7 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
   source = evaluator.source
   ssim_fn = jax.jit(metrics.ssim)
   params = jax.device_put(params, mesh_lib.replicated(mesh))
-  scores = SplitScores([m for m in METHOD_NAMES if m != 'fsmnet_dc' or with_data_consistency])
+  scores = SplitScores([m for m in METHODS if m != 'fsmnet_dc' or with_data_consistency])
   panel_keys = set(np.linspace(0, len(source) - 1, min(num_panels, len(source))).round()
                    .astype(int).tolist()) if num_panels else set()
   volume = {'subject': None, 'images': {}}
@@ -283,8 +294,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   refuse_existing([out_dir], overwrite)
   scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data
+  network = type(model).__name__
   report = {
-      'checkpoint': checkpoint, 'dataset': data.dataset, 'split': split,
+      'checkpoint': checkpoint, 'network': network, 'dataset': data.dataset, 'split': split,
       'acceleration': data.acceleration, 'mask_type': data.mask_type,
       'image_size': data.image_size, 'num_subjects': len(scores.volumes),
       'num_slices': len(scores.slices), 'data_consistency': with_data_consistency,
@@ -293,10 +305,11 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   }
   title = (f'### {data.dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
            f'{len(scores.volumes)} subjects, {len(scores.slices)} slices')
-  table = (table1_markdown(report['reference_convention'], data.acceleration, title)
+  table = (table1_markdown(report['reference_convention'], data.acceleration, title, network)
            + '\nPer slice, on the reference convention (uint8, scikit-image defaults).\n\n'
            + table1_markdown(report['fastmri_convention'], data.acceleration,
-                             '#### fastMRI convention (per volume, range = max of the volume)'))
+                             '#### fastMRI convention (per volume, range = max of the volume)',
+                             network))
 
   def write(folder: Path) -> None:
     (folder / 'panels').mkdir(parents=True)
@@ -306,8 +319,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
     _write_csv(folder / 'volumes.csv', scores.volumes)
     for record, images, slice_scores in scores.panels:
       plot_panel(images, slice_scores, f'{record.subject}, slice {record.index}',
-                 folder / 'panels' / f'{record.subject}_slice{record.index:03d}.png')
-    plot_psnr_by_position(scores.slices, scores.methods, folder / 'psnr_per_slice.png')
+                 folder / 'panels' / f'{record.subject}_slice{record.index:03d}.png', network)
+    plot_psnr_by_position(scores.slices, scores.methods, folder / 'psnr_per_slice.png', network)
 
   write_atomically(out_dir, write, overwrite)
   logging.info('wrote %s', out_dir)

@@ -60,11 +60,14 @@ def test_table1_markdown():
       '|---|---|---|---|\n'
       '| Zero-filling | 30.04 ± 1.51 | 0.7481 ± 0.0340 | 0.0412 ± 0.0051 |\n'
       '| FSMNet | 41.76 ± 1.88 | 0.9861 ± 0.0044 | 0.0015 ± 0.0003 |\n')
+  mdunet = evaluate.table1_markdown(summary, 4, '### BraTS', network='MDUNet')
+  assert mdunet.splitlines()[-1].startswith('| MDUNet | 41.76 ± 1.88 |')
 
 
 def test_report_files_agree_with_each_other(evaluation):
   out, report = evaluation
   assert json.loads((out / 'metrics.json').read_text()) == report
+  assert report['network'] == 'FSMNet'
   slices = _rows(out / 'slices.csv')
   assert report['num_slices'] == len(slices) > 0
   assert report['num_subjects'] == len({r['subject'] for r in slices}) == 1  # 1 of 4 is test
