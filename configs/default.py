@@ -24,22 +24,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_spa_att = False  # True fixes the reference's reuse of `fre_att`
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'brats'  # 'demo' | 'brats' | 'fastmri'
+  config.data.dataset = 'brats'  # 'demo' | 'brats' | 'ixi' | 'nifti_pairs' | 'fastmri'
   config.data.root = ''
   config.data.acceleration = 4
   config.data.image_size = 240
   config.data.mask_type = 'random'  # a fastMRI mask type (whole lines), 'gaussian' or 'poisson' (2-D)
   config.data.mask_axis = 1  # lines at positions along W (1) or H (0)
   config.data.center_fraction = 0.08  # 0.04 at 8x
-  config.data.percentile = 99.5  # BraTS intensity scaling: robust max per volume
+  config.data.percentile = 99.5  # NIfTI intensity scaling: robust max per volume
   config.data.min_foreground = 0.1  # skip slices with less foreground than this fraction
   config.data.test_fraction = 0.25  # subject-level split 3:1, as the paper
   config.data.skip_bad_subjects = False  # True: log and skip unreadable subjects, else stop
   config.data.split_file = ''  # where to write / read the split ('' = recompute, write nothing)
   config.data.train_pairs = ''  # fastMRI: CSV of PD/PDFS file pairs per split
   config.data.test_pairs = ''
+  # ixi: the contrast reconstructed and the one guiding it ('T2', 'PD' or 'T1'; PD shares T2's
+  # acquisition, T1 is aligned to it by the headers), and the sites ('' = all; 'HH', 'Guys,IOP').
+  config.data.target_contrast = 'T2'
+  config.data.reference_contrast = 'PD'
+  config.data.sites = ''
+  # nifti_pairs: file name patterns of the target and the reference in each subject folder.
+  config.data.target_glob = ''  # e.g. '*_t2.nii.gz'
+  config.data.reference_glob = ''  # e.g. '*_t1.nii.gz'
   config.data.worker_count = 0  # grain worker processes
-  config.data.cache_dir = ''  # decoded BraTS volumes ('' = $XDG_CACHE_HOME/fsmnet-jax)
+  config.data.cache_dir = ''  # decoded NIfTI volumes ('' = $XDG_CACHE_HOME/fsmnet-jax)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 4  # global: split over all devices of all processes

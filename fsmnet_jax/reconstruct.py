@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from fsmnet_jax import metrics
-from fsmnet_jax.data import DataError, brats, kspace, transforms
+from fsmnet_jax.data import DataError, kspace, transforms, volumes
 from fsmnet_jax.data.masks import sampling_mask
 from fsmnet_jax.files import refuse_existing, write_together
 from fsmnet_jax.inference import Reconstructor, data_consistency
@@ -23,7 +23,6 @@ from fsmnet_jax.inference import Reconstructor, data_consistency
 # fastMRI's (and the reference's) centre fractions for its accelerations.
 CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
-AFFINE_TOLERANCE_MM = 1e-3
 _data_consistency = jax.jit(data_consistency)
 
 
@@ -86,7 +85,7 @@ def check_same_grid(t1_path: Path, t1: nib.Nifti1Image, t2_path: Path, t2: nib.N
   if t1_axes != t2_axes:
     raise DataError(f'{where}: T1 and T2 differ in orientation ({"".join(t1_axes)} vs '
                     f'{"".join(t2_axes)}); reorient T1 to match T2 first')
-  if not np.allclose(t1.affine, t2.affine, atol=AFFINE_TOLERANCE_MM):
+  if not np.allclose(t1.affine, t2.affine, atol=volumes.GRID_TOLERANCE_MM):
     raise DataError(f'{where}: T1 and T2 differ in voxel-to-world affine (same size and '
                     f'orientation, other spacing or origin); register T1 to T2 first')
 
@@ -115,16 +114,16 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   refuse_existing([out, mask_path(out)], overwrite)
   t1_file, t2_file = _load_nifti(t1_path), _load_nifti(t2_path)
   check_same_grid(t1_path, t1_file, t2_path, t2_file)
-  t1_raw, t2_raw = brats.load_axial_slices(t1_path), brats.load_axial_slices(t2_path)
+  t1_raw, t2_raw = volumes.load_axial_slices(t1_path), volumes.load_axial_slices(t2_path)
   size, percentile = data.image_size, data.percentile
-  scale = brats.intensity_scale(t2_raw, percentile, t2_path)
-  t1 = transforms.fit_to_size(brats.robust_scale(t1_raw, percentile, t1_path), size)
+  scale = volumes.intensity_scale(t2_raw, percentile, t2_path)
+  t1 = transforms.fit_to_size(volumes.robust_scale(t1_raw, percentile, t1_path), size)
   t2 = transforms.fit_to_size(np.clip(t2_raw / scale, 0, 1).astype(np.float32), size)
   mask = sampling_mask(mask_config(data, acceleration), (size, size), seed).astype(np.float32)
   result = simulate(reconstructor, t2, t1, mask, with_data_consistency)
   # Back to the file's grid and intensities; what lies outside the model's field is zero.
-  volume = brats.to_file_layout(transforms.fit_to_size(result.image, t2_raw.shape[1:]) * scale,
-                                t2_file.affine)
+  volume = volumes.to_file_layout(transforms.fit_to_size(result.image, t2_raw.shape[1:]) * scale,
+                                  t2_file.affine)
   header = t2_file.header.copy()
   header.set_data_dtype(np.float32)
   image = nib.Nifti1Image(volume.astype(np.float32), t2_file.affine, header)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fsmnet_jax.configs import tiny
-from fsmnet_jax.data import DataError, brats, masks, pipeline, transforms
+from fsmnet_jax.data import DataError, brats, masks, pipeline, transforms, volumes
 from fsmnet_jax.data.demo import make_demo_data
 
 
@@ -126,7 +126,7 @@ def test_bad_subjects_stop_or_are_skipped(config, tmp_path, caplog):
   broken.write_bytes(broken.read_bytes()[:300])
   bad = config.copy_and_resolve_references()
   bad.data.root = str(root)
-  assignment = brats.split_subjects(brats.find_subjects(root / 'brats'), bad.data.test_fraction,
+  assignment = volumes.split_subjects(brats.find_subjects(root / 'brats'), bad.data.test_fraction,
                                     bad.seed)
   split = 'train' if 'DemoBraTS_000' in assignment['train'] else 'test'
   with pytest.raises(DataError, match='DemoBraTS_000_t2.nii.gz: not a readable NIfTI'):

@@ -14,7 +14,7 @@ from fsmnet_jax.configs import tiny
 from fsmnet_jax import reconstruct
 from fsmnet_jax.checkpoint import save_variables
 from fsmnet_jax.cli import reconstruct as reconstruct_cli
-from fsmnet_jax.data import DataError, brats, kspace
+from fsmnet_jax.data import DataError, kspace, volumes
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.data.masks import sampling_mask
 from fsmnet_jax.inference import Reconstructor
@@ -68,8 +68,8 @@ def _reference_as_output(target_under, aux):
 def test_to_file_layout_inverts_load_axial_slices(tmp_path, orientation):
   data = np.random.default_rng(0).random((9, 10, 11)).astype(np.float32)
   path = _write_nifti(tmp_path / 'v.nii.gz', data, AFFINES[orientation], np.float32)
-  slices = brats.load_axial_slices(path)
-  np.testing.assert_array_equal(brats.to_file_layout(slices, AFFINES[orientation]), data)
+  slices = volumes.load_axial_slices(path)
+  np.testing.assert_array_equal(volumes.to_file_layout(slices, AFFINES[orientation]), data)
 
 
 @pytest.mark.parametrize('orientation', ['LPS', 'PIR'])
@@ -89,8 +89,8 @@ def test_nifti_output_is_on_the_input_grid_with_its_header(tmp_path, data_config
   # The output is the (scaled) reference: back on the T2 grid voxel for voxel, in T2 units.
   percentile = data_config.percentile
   t1_data, t2_data = (nib.load(str(p)).get_fdata() for p in (t1, t2))
-  expected = (np.clip(t1_data / brats.intensity_scale(t1_data, percentile, t1), 0, 1)
-              * brats.intensity_scale(t2_data, percentile, t2))
+  expected = (np.clip(t1_data / volumes.intensity_scale(t1_data, percentile, t1), 0, 1)
+              * volumes.intensity_scale(t2_data, percentile, t2))
   np.testing.assert_allclose(written.get_fdata(), expected, rtol=1e-5, atol=1e-3)
   mask = np.load(reconstruct.mask_path(out))
   np.testing.assert_array_equal(mask, result.mask)

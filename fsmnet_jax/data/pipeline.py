@@ -19,9 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from fsmnet_jax.data import DataError, brats, fastmri, kspace, masks, transforms
+from fsmnet_jax.data import DataError, brats, fastmri, ixi, kspace, masks, transforms, volumes
 
-BRATS_LIKE = ('brats', 'demo')
+DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri')
+# The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
+# before IXI keep resuming.
+_SOURCE_NAMES = {'demo': 'BratsSlices', 'brats': 'BratsSlices', 'ixi': 'IxiSlices',
+                 'nifti_pairs': 'NiftiPairSlices'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,35 +33,36 @@ class SliceRecord:
   key: int  # position in the data source
   volume: str  # file name the fixed test mask is seeded from
   index: int  # slice in the volume
-  subject: str  # BraTS subject folder, or the fastMRI PDFS file's stem
+  subject: str  # the subject's name (its folder, IXI's prefix), or the fastMRI PDFS file's stem
 
 
-class BratsSlices(grain.RandomAccessDataSource):
-  """Axial slices (T2 target, T1 auxiliary) of the subjects of one split."""
+class VolumeSlices(grain.RandomAccessDataSource):
+  """Axial slices (the target, its reference as the auxiliary) of the NIfTI pairs of one split."""
 
-  def __init__(self, subjects: list[brats.Subject], image_size: int, percentile: float,
-               min_foreground: float, skip_bad_subjects: bool = False,
-               cache_dir: str | None = None):
+  def __init__(self, subjects: list[volumes.VolumePair], image_size: int, percentile: float,
+               min_foreground: float, align_by_headers: bool = False,
+               skip_bad_subjects: bool = False, cache_dir: str | None = None,
+               name: str = 'VolumeSlices'):
     self._open_volumes, self._lock = {}, threading.Lock()
     self._records, skipped = [], []
     for subject in subjects:
       try:
-        volumes = brats.cached_subject(subject, image_size, percentile, cache_dir)
+        pair = volumes.cached_pair(subject, image_size, percentile, align_by_headers, cache_dir)
       except DataError as e:
         if not skip_bad_subjects:
           raise
         logging.warning('skipping subject %s: %s', subject.name, e)
         skipped.append(subject.name)
         continue
-      self._records += [(volumes.filename, subject, i)
-                        for i in brats.foreground_slices(volumes[1], min_foreground)]
+      self._records += [(pair.filename, subject, i)
+                        for i in volumes.foreground_slices(pair[1], min_foreground)]
     if skipped:
       logging.warning('skipped %d of %d subjects with unusable data: %s', len(skipped),
                       len(subjects), ', '.join(skipped))
     if not self._records:
       raise DataError(f'no usable slices in {len(subjects)} subjects '
-                      f'({subjects[0].t2.parent.parent if subjects else "no subjects"})')
-    self._description = (f'BratsSlices({len(subjects)} subjects, {len(self._records)} slices, '
+                      f'({subjects[0].target.parent.parent if subjects else "no subjects"})')
+    self._description = (f'{name}({len(subjects)} subjects, {len(self._records)} slices, '
                          f'first {subjects[0].name if subjects else None}, size {image_size})')
 
   def __len__(self) -> int:
@@ -65,7 +70,7 @@ class BratsSlices(grain.RandomAccessDataSource):
 
   def record(self, i: int) -> SliceRecord:
     _, subject, index = self._records[i]
-    return SliceRecord(i, subject.t2.name, index, subject.name)
+    return SliceRecord(i, subject.target.name, index, subject.name)
 
   def _volumes(self, cache_file: str) -> np.ndarray:
     # Each cached file is opened once: numpy parses .npy headers with ast.literal_eval, which
@@ -83,8 +88,9 @@ class BratsSlices(grain.RandomAccessDataSource):
     self.__dict__.update(state, _lock=threading.Lock())
 
   def __getitem__(self, i: int) -> dict:
-    t1, t2 = self._volumes(self._records[i][0])[:, self._records[i][2]]
-    return {'target': np.array(t2), 'aux': np.array(t1), 'kspace': kspace.fft2c(t2),
+    reference, target = self._volumes(self._records[i][0])[:, self._records[i][2]]
+    return {'target': np.array(target), 'aux': np.array(reference),
+            'kspace': kspace.fft2c(target),
             'record': self.record(i)}
 
   def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
@@ -153,20 +159,35 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
   root = Path(data.root)
-  if data.dataset in BRATS_LIKE:
-    subjects = brats.find_subjects(root / 'brats' if data.dataset == 'demo' else root)
-    names = brats.split_subjects(subjects, data.test_fraction, config.seed,
-                                 data.split_file or None)[split]
+  if data.dataset in ('demo', 'brats', 'ixi', 'nifti_pairs'):
+    subjects, align_by_headers = volume_pairs(data)
+    names = volumes.split_subjects(subjects, data.test_fraction, config.seed,
+                                   data.split_file or None)[split]
     chosen = [s for s in subjects if s.name in set(names)]
-    return BratsSlices(chosen, data.image_size, data.percentile, data.min_foreground,
-                       data.skip_bad_subjects, data.cache_dir or None)
+    return VolumeSlices(chosen, data.image_size, data.percentile, data.min_foreground,
+                        align_by_headers, data.skip_bad_subjects, data.cache_dir or None,
+                        _SOURCE_NAMES[data.dataset])
   if data.dataset == 'fastmri':
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
       raise DataError(f'config.data.{split}_pairs: name the CSV of PD/PDFS pairs for {split}')
     return KneeSlices(fastmri.read_pairs(csv_file, root), data.image_size)
   raise DataError(f'config.data.dataset: unknown data set {data.dataset!r}; '
-                  f'use "demo", "brats" or "fastmri"')
+                  f'use one of {", ".join(DATASETS)}')
+
+
+def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePair], bool]:
+  """The NIfTI pairs of a NIfTI data set, and whether a reference on another voxel grid than
+  its target is aligned by the headers (IXI's T1; your own pairs) or refused (BraTS)."""
+  root = Path(data.root)
+  if data.dataset == 'demo':
+    return brats.find_subjects(root / 'brats'), False
+  if data.dataset == 'brats':
+    return brats.find_subjects(root), False
+  if data.dataset == 'ixi':
+    return ixi.find_subjects(root, data.target_contrast, data.reference_contrast,
+                             data.sites), True
+  return volumes.find_glob_pairs(root, data.target_glob, data.reference_glob), True
 
 
 class GlobalBatchSampler:

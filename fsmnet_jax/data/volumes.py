@@ -1,0 +1,248 @@
+"""Pairs of NIfTI volumes (a target contrast and the reference that guides it), whatever data set
+they come from: finding them in subject folders, loading both as axial slices on the target's
+voxel grid, caching the decoded pair, choosing slices, and the subject-level split.
+
+Volumes are reoriented to RAS from their affine, so axial slices are taken along the superior
+axis whatever the storage order. A reference stored on another voxel grid than its target (IXI's
+sagittal T1 against its axial T2) is, where the data set allows it, resampled onto the target's
+grid through the two affines: alignment by the scanner coordinates in the headers, not a
+registration, so motion between the two scans stays.
+"""
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from fsmnet_jax.data import DataError, transforms
+from fsmnet_jax.files import default_cache_dir, write_atomically
+
+# Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
+MIN_SLICE_SIZE = 8
+# A reference resampled onto its target's grid must cover at least this fraction of the
+# target's voxels; less means headers that do not describe one head in one scanner frame.
+MIN_OVERLAP = 0.5
+# Voxel grids whose affines differ by less than this (mm, per entry) are one grid.
+GRID_TOLERANCE_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumePair:
+  """One subject's target volume and the reference volume that guides its reconstruction."""
+  name: str
+  target: Path
+  reference: Path
+
+
+def find_in_subject_folders(root: str | os.PathLike, target: Callable[[str], bool],
+                            reference: Callable[[str], bool], target_label: str,
+                            reference_label: str) -> list[VolumePair]:
+  """The pair of every subject folder under `root`, sorted by name, the files chosen by their
+  names. Folders with neither are ignored; a folder with only one, or with two candidates for
+  one, is an error naming the folder and the files (labels say what was looked for)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(f'{root}: no such data folder')
+  pairs = []
+  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    names = sorted(f.name for f in folder.iterdir() if f.is_file())
+    found = {label: [n for n in names if matches(n)]
+             for label, matches in ((target_label, target), (reference_label, reference))}
+    if not any(found.values()):
+      continue
+    for label, files in found.items():
+      if len(files) != 1:
+        raise DataError(f'{folder}: expected one {label}, found {len(files)}: {files}')
+    pairs.append(VolumePair(folder.name, folder / found[target_label][0],
+                            folder / found[reference_label][0]))
+  if not pairs:
+    raise DataError(f'{root}: no subject folders with a {target_label} and a {reference_label}')
+  return pairs
+
+
+def find_glob_pairs(root: str | os.PathLike, target_glob: str, reference_glob: str
+                    ) -> list[VolumePair]:
+  """`config.data.dataset='nifti_pairs'`: subject folders under `root`, each with one file
+  matching `target_glob` and one matching `reference_glob` (shell patterns, e.g. '*_t2.nii.gz')."""
+  for key, pattern in (('target_glob', target_glob), ('reference_glob', reference_glob)):
+    if not pattern:
+      raise DataError(f'config.data.{key}: give the file name pattern of the '
+                      f'{key.split("_")[0]} volume in each subject folder, e.g. "*_t2.nii.gz"')
+  return find_in_subject_folders(
+      root, lambda name: fnmatch.fnmatch(name, target_glob),
+      lambda name: fnmatch.fnmatch(name, reference_glob),
+      f'target volume ({target_glob})', f'reference volume ({reference_glob})')
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+  """(voxels, affine) of a NIfTI file: a finite real 3-D float32 volume, else a DataError
+  naming the file and the problem."""
+  try:
+    image = nib.load(str(path))
+    shape, dtype = image.shape, image.get_data_dtype()
+    if 0 not in shape and dtype.kind in 'biuf':
+      data = np.asarray(image.dataobj, dtype=np.float32)
+  except Exception as e:  # nibabel raises many types for damaged files
+    raise DataError(f'{path}: not a readable NIfTI volume ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0][:160] if str(e) else "truncated?"})') from e
+  if 0 in shape:
+    raise DataError(f'{path}: holds no voxels (shape {shape})')
+  if dtype.kind not in 'biuf':  # complex, RGB and other structured voxels
+    raise DataError(f'{path}: voxels of type {dtype}; expected a real-valued magnitude image')
+  while data.ndim > 3 and data.shape[-1] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise DataError(f'{path}: expected a 3-D volume, got shape {data.shape}')
+  if not np.isfinite(data).all():
+    raise DataError(f'{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels')
+  return data, image.affine
+
+
+def axial_slices(data: np.ndarray, affine: np.ndarray, path: Path) -> np.ndarray:
+  """(slices, rows, cols): axial slices of a volume stored with `affine`, rows
+  anterior->posterior, cols right->left (radiological view), whatever its axis order."""
+  orientation = nib.orientations
+  to_ras = orientation.ornt_transform(orientation.io_orientation(affine),
+                                      orientation.axcodes2ornt('RAS'))
+  ras = orientation.apply_orientation(data, to_ras)
+  if min(ras.shape[:2]) < MIN_SLICE_SIZE:
+    raise DataError(f'{path}: slices of {ras.shape[0]}x{ras.shape[1]} voxels; the model needs '
+                    f'at least {MIN_SLICE_SIZE}x{MIN_SLICE_SIZE}')
+  # RAS (x right, y anterior, z superior) -> (z, y reversed, x reversed).
+  return np.ascontiguousarray(ras.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def load_axial_slices(path: Path) -> np.ndarray:
+  """(slices, rows, cols) float32: the axial slices of a NIfTI file (see `axial_slices`)."""
+  return axial_slices(*read_volume(path), path)
+
+
+def to_file_layout(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """Inverse of `load_axial_slices`: (slices, rows, cols) back to the axis order and directions
+  of a file with this `affine`."""
+  ras = slices[:, ::-1, ::-1].transpose(2, 1, 0)
+  orientation = nib.orientations
+  to_file = orientation.ornt_transform(orientation.axcodes2ornt('RAS'),
+                                       orientation.io_orientation(affine))
+  return orientation.apply_orientation(ras, to_file)
+
+
+def resample_onto(data: np.ndarray, affine: np.ndarray, grid_shape: tuple[int, ...],
+                  grid_affine: np.ndarray) -> tuple[np.ndarray, float]:
+  """(`data` resampled onto the voxel grid of `grid_shape` and `grid_affine` by linear
+  interpolation through the two affines, zero outside `data`; the fraction of the grid's voxels
+  that fall inside `data`)."""
+  voxel_to_voxel = np.linalg.inv(affine) @ grid_affine  # grid voxel -> data voxel
+  coordinates = np.indices(grid_shape, dtype=np.float32).reshape(3, -1)
+  mapped = voxel_to_voxel[:3, :3] @ coordinates + voxel_to_voxel[:3, 3:]
+  inside = np.all((mapped > -0.5) & (mapped < np.array(data.shape)[:, None] - 0.5), axis=0)
+  resampled = ndimage.map_coordinates(data, mapped, order=1, mode='constant', cval=0.0)
+  return resampled.reshape(grid_shape).astype(np.float32), float(inside.mean())
+
+
+def load_pair(pair: VolumePair, align_by_headers: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(reference, target) axial slices on the target's voxel grid. A reference on another grid
+  is resampled onto it if `align_by_headers`, else refused (BraTS ships co-registered pairs)."""
+  target, target_affine = read_volume(pair.target)
+  reference, reference_affine = read_volume(pair.reference)
+  same_grid = (reference.shape == target.shape
+               and np.allclose(reference_affine, target_affine, atol=GRID_TOLERANCE_MM))
+  if not same_grid and align_by_headers:
+    reference, overlap = resample_onto(reference, reference_affine, target.shape, target_affine)
+    if overlap < MIN_OVERLAP:
+      raise DataError(f'{pair.reference} and {pair.target}: by their headers the reference '
+                      f'covers {overlap:.0%} of the target volume (at least {MIN_OVERLAP:.0%} '
+                      'needed); they are not one head in one scanner frame')
+    reference_affine = target_affine
+  reference = axial_slices(reference, reference_affine, pair.reference)
+  target = axial_slices(target, target_affine, pair.target)
+  if reference.shape != target.shape:
+    raise DataError(f'{pair.reference} and {pair.target}: the reference and the target differ '
+                    f'in shape ({reference.shape} vs {target.shape}); register them to one grid '
+                    'first')
+  return reference, target
+
+
+def intensity_scale(volume: np.ndarray, percentile: float, path: Path) -> float:
+  """The `percentile` of the non-zero voxels: what `robust_scale` divides by."""
+  foreground = volume[volume > 0]
+  scale = float(np.percentile(foreground, percentile)) if foreground.size else 0.0
+  if scale <= 0:
+    raise DataError(f'{path}: the volume is empty (no positive voxels)')
+  return scale
+
+
+def robust_scale(volume: np.ndarray, percentile: float, path: Path) -> np.ndarray:
+  """Divides by the `percentile` of the non-zero voxels and clips to [0, 1]."""
+  return np.clip(volume / intensity_scale(volume, percentile, path), 0, 1).astype(np.float32)
+
+
+def prepare_pair(pair: VolumePair, image_size: int, percentile: float = 99.5,
+                 align_by_headers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(reference, target) as (slices, image_size, image_size) float32 in [0, 1]."""
+  reference, target = load_pair(pair, align_by_headers)
+  return (transforms.fit_to_size(robust_scale(reference, percentile, pair.reference), image_size),
+          transforms.fit_to_size(robust_scale(target, percentile, pair.target), image_size))
+
+
+def cached_pair(pair: VolumePair, image_size: int, percentile: float, align_by_headers: bool,
+                cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+  """`prepare_pair` as one read-only memory-mapped (2, slices, size, size) array (reference,
+  target).
+
+  Decoding a .nii.gz takes ~0.5 s; random slices of many subjects would decode volumes over and
+  over. The decoded volumes are cached once as .npy, keyed by the files' paths, sizes and
+  modification times and by the preprocessing, so a changed file is decoded again.
+  """
+  stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+           for p in (pair.reference, pair.target)]
+  settings = [stats, image_size, percentile] + (['aligned'] if align_by_headers else [])
+  key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
+  path = Path(cache_dir or default_cache_dir()) / f'{_file_safe(pair.name)}-{key}.npy'
+  if not path.exists():
+    volumes = np.stack(prepare_pair(pair, image_size, percentile, align_by_headers))
+    write_atomically(path, lambda tmp: np.save(tmp, volumes), overwrite=True)
+  return np.load(path, mmap_mode='r')
+
+
+def _file_safe(name: str) -> str:
+  return re.sub(r'[^A-Za-z0-9._-]', '_', name)
+
+
+def foreground_slices(target: np.ndarray, min_foreground: float, level: float = 0.05
+                      ) -> list[int]:
+  """Indices of slices where more than `min_foreground` of the pixels exceed `level`."""
+  fraction = (target > level).mean(axis=(1, 2))
+  return [int(i) for i in np.flatnonzero(fraction > min_foreground)]
+
+
+def split_subjects(pairs: list[VolumePair], test_fraction: float, seed: int,
+                   split_file: str | os.PathLike | None = None) -> dict[str, list[str]]:
+  """Subject-level train/test split, seeded. With `split_file`: read it if it exists (and check
+  that its subjects are present), else write it, so the split never changes silently."""
+  names = [p.name for p in pairs]
+  if split_file is not None and Path(split_file).exists():
+    try:
+      split = json.loads(Path(split_file).read_text())
+      assigned = split['train'] + split['test']
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f'{split_file}: not a split file ({e})') from e
+    missing = sorted(set(assigned) - set(names))
+    if missing:
+      raise DataError(f'{split_file}: lists subjects not found in the data: {missing[:5]}')
+    return {'train': split['train'], 'test': split['test']}
+  order = np.random.default_rng(seed).permutation(len(names))
+  num_test = max(1, round(len(names) * test_fraction)) if len(names) > 1 else 0
+  split = {'train': sorted(names[i] for i in order[num_test:]),
+           'test': sorted(names[i] for i in order[:num_test])}
+  if split_file is not None:
+    write_atomically(split_file, lambda tmp: tmp.write_text(json.dumps(split, indent=1)))
+  return split
