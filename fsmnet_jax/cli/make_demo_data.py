@@ -4,14 +4,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsmnet_jax.cli.common import run_command
+from fsmnet_jax.cli.common import USER_ERRORS, run_command
 from fsmnet_jax.data import demo
 
 
 def _make(args: argparse.Namespace) -> int:
   out = demo.make_demo_data(args.out_dir, args.seed, args.subjects, args.knee_pairs,
-                            args.image_size, args.slices)
-  print(f'wrote {args.subjects} BraTS-layout subjects to {out / "brats"} and '
+                            args.image_size, args.slices, args.anatomy)
+  print(f'wrote {args.subjects} BraTS-layout subjects ({args.anatomy}) to {out / "brats"} and '
         f'{args.knee_pairs} fastMRI-format PD/PDFS pairs to {out / "fastmri"}')
   return 0
 
@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--knee-pairs', type=int, default=4, help='fastMRI-format PD/PDFS pairs')
   parser.add_argument('--image-size', type=int, default=64, help='in-plane size of every volume')
   parser.add_argument('--slices', type=int, default=16, help='slices per volume')
+  parser.add_argument('--anatomy', choices=demo.ANATOMIES, default='phantom',
+                      help="the brain subjects: ellipsoid phantoms, or 'brain': the ICBM152 "
+                           'template deformed per subject (needs the brain extra, nilearn)')
   parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
-  return run_command('fsmnet-make-demo-data', parser, _make, argv)
+  # ImportError: --anatomy brain without nilearn, a missing install named in one line.
+  return run_command('fsmnet-make-demo-data', parser, _make, argv, USER_ERRORS + (ImportError,))
 
 
 if __name__ == '__main__':

@@ -2,7 +2,9 @@
 
 Writes a BraTS-layout folder of NIfTI volumes (T1/T2, stored like BraTS: int16, LPS affine) and
 fastMRI-format single-coil knee files (PD/PDFS k-space, `reconstruction_esc`, ISMRMRD header)
-with a pairs CSV. Deterministic from the seed.
+with a pairs CSV. Deterministic from the seed. The brain subjects are ellipsoid phantoms
+(`phantoms`: fast, for the tests) or, with anatomy='brain', a real brain's anatomy
+(`brain_template`: the ICBM152 template deformed per subject; needs nilearn).
 """
 
 import csv
@@ -13,9 +15,11 @@ import nibabel as nib
 import numpy as np
 
 from fsmnet_jax.data import kspace
+from fsmnet_jax.data import brain_template
 from fsmnet_jax.data.phantoms import head_phantom
 from fsmnet_jax.files import write_atomically
 
+ANATOMIES = ('phantom', 'brain')
 BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS volumes are stored in LPS orientation
 INT16_SCALE = 3000  # demo intensities in [0, ~1] stored as int16 counts, like scanner data
 ISMRMRD_HEADER = """<?xml version="1.0" encoding="utf-8"?>
@@ -37,12 +41,13 @@ def _write_nifti(volume_dhw: np.ndarray, path: Path) -> None:
 
 
 def write_brats(root: Path, num_subjects: int, image_size: int, num_slices: int,
-                rng: np.random.Generator) -> list[Path]:
+                rng: np.random.Generator, anatomy: str = 'phantom') -> list[Path]:
   """BraTS layout: root/<subject>/<subject>_t1.nii.gz and _t2.nii.gz."""
+  make_volumes = brain_template.brain_volumes if anatomy == 'brain' else head_phantom
   subjects = []
   for i in range(num_subjects):
     name = f'DemoBraTS_{i:03d}'
-    volumes = head_phantom((num_slices, image_size, image_size), rng)
+    volumes = make_volumes((num_slices, image_size, image_size), rng)
     folder = root / name
     folder.mkdir(parents=True, exist_ok=False)
     for contrast in ('t1', 't2'):
@@ -90,12 +95,16 @@ def write_fastmri(root: Path, num_pairs: int, image_size: int, num_slices: int,
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, num_subjects: int = 8,
-                   num_knee_pairs: int = 4, image_size: int = 64, num_slices: int = 16) -> Path:
-  """Writes out_dir/brats and out_dir/fastmri; refuses to touch an existing out_dir."""
+                   num_knee_pairs: int = 4, image_size: int = 64, num_slices: int = 16,
+                   anatomy: str = 'phantom') -> Path:
+  """Writes out_dir/brats (`anatomy`: 'phantom' or 'brain') and out_dir/fastmri; refuses to
+  touch an existing out_dir."""
+  if anatomy not in ANATOMIES:
+    raise ValueError(f'anatomy {anatomy!r}: use one of {", ".join(ANATOMIES)}')
   out_dir = Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f'{out_dir}: exists and is not empty; choose a new folder')
   rng = np.random.default_rng(seed)
-  write_brats(out_dir / 'brats', num_subjects, image_size, num_slices, rng)
+  write_brats(out_dir / 'brats', num_subjects, image_size, num_slices, rng, anatomy)
   write_fastmri(out_dir / 'fastmri', num_knee_pairs, image_size, num_slices, rng)
   return out_dir
