@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_spa_att = False  # True fixes the reference's reuse of `fre_att`
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'brats'  # 'demo' | 'brats' | 'ixi' | 'nifti_pairs' | 'fastmri'
+  # 'demo' | 'brats' | 'ixi' | 'nifti_pairs' | 'fastmri' | 'fastmri_multicoil' | 'm4raw'
+  config.data.dataset = 'brats'
   config.data.root = ''
   config.data.acceleration = 4
   config.data.image_size = 240
@@ -36,13 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.test_fraction = 0.25  # subject-level split 3:1, as the paper
   config.data.skip_bad_subjects = False  # True: log and skip unreadable subjects, else stop
   config.data.split_file = ''  # where to write / read the split ('' = recompute, write nothing)
-  config.data.train_pairs = ''  # fastMRI: CSV of PD/PDFS file pairs per split
+  config.data.train_pairs = ''  # fastmri, fastmri_multicoil: CSV of PD/PDFS file pairs per split
   config.data.test_pairs = ''
-  # ixi: the contrast reconstructed and the one guiding it ('T2', 'PD' or 'T1'; PD shares T2's
-  # acquisition, T1 is aligned to it by the headers), and the sites ('' = all; 'HH', 'Guys,IOP').
+  # ixi, m4raw: the contrast reconstructed and the one guiding it (ixi: 'T2', 'PD' or 'T1'; PD
+  # shares T2's acquisition, T1 is aligned to it by the headers. m4raw: 'T1', 'T2' or 'FLAIR').
   config.data.target_contrast = 'T2'
   config.data.reference_contrast = 'PD'
-  config.data.sites = ''
+  config.data.sites = ''  # ixi: '' = all, or 'HH', 'Guys,IOP'
+  config.data.repetition = 0  # m4raw: the repetition to read (1, 2, ...), 0: their average
   # nifti_pairs: file name patterns of the target and the reference in each subject folder.
   config.data.target_glob = ''  # e.g. '*_t2.nii.gz'
   config.data.reference_glob = ''  # e.g. '*_t1.nii.gz'

@@ -22,7 +22,7 @@ PAPER_SETTINGS = {
 }
 # Data sets the paper does not train on, with the paper's recipe: data set, acceleration, centre
 # fraction, slice size.
-OTHER_DATA_SETS = {'ixi_4x': ('ixi', 4, 0.08, 256)}
+OTHER_DATA_SETS = {'ixi_4x': ('ixi', 4, 0.08, 256), 'm4raw_4x': ('m4raw', 4, 0.08, 256)}
 REFERENCE_NUM_PARAMS = 14_053_528  # the reference's state_dict at the default size
 
 

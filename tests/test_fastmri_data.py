@@ -17,12 +17,13 @@ def knee_root(tmp_path_factory):
 
 def test_pairs_header_and_images(knee_root):
   pairs = fastmri.read_pairs(knee_root / 'pairs.csv', knee_root)
-  assert [(p.pd.name, p.pdfs.name, p.num_slices) for p in pairs] == [
+  assert [(p.reference[0].name, p.target[0].name, p.num_slices) for p in pairs] == [
       ('file_demo0000.h5', 'file_demo0001.h5', 5), ('file_demo0002.h5', 'file_demo0003.h5', 5)]
-  assert fastmri.read_header(pairs[0].pdfs) == {'encoding_size': (40, 40), 'recon_size': (40, 40)}
-  slice_kspace = fastmri.read_kspace_slice(pairs[0].pdfs, 2)
+  pdfs = pairs[0].target[0]
+  assert fastmri.read_header(pdfs) == {'encoding_size': (40, 40), 'recon_size': (40, 40)}
+  slice_kspace = fastmri.read_kspace_slice(pdfs, 2)
   full = kspace.zero_filled(slice_kspace, size=32)
-  with h5py.File(pairs[0].pdfs) as f:
+  with h5py.File(pdfs) as f:
     reference = f['reconstruction_esc'][2]
   np.testing.assert_allclose(full, transforms.fit_to_size(reference, 32), atol=1e-5)
   mask, _ = masks.RandomMaskFunc([0.08], [4])((1, 40, 1), seed=0)
@@ -47,7 +48,7 @@ def test_bad_files(knee_root, tmp_path):
   with h5py.File(real, 'w') as f:
     f.create_dataset('kspace', data=np.zeros((2, 8, 8), np.float32))
   with pytest.raises(DataError, match=r'real.h5: "kspace" must be complex'):
-    fastmri._num_slices(real)  # pylint: disable=protected-access
+    fastmri.kspace_shape(real)
   with pytest.raises(DataError, match='real.h5: no readable ISMRMRD header'):
     fastmri.read_header(real)
   nan = tmp_path / 'nan.h5'

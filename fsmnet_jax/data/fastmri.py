@@ -1,8 +1,10 @@
-"""fastMRI single-coil knee: PD (auxiliary) / PDFS (target) volume pairs from h5 files.
+"""fastMRI knee: PD (auxiliary) / PDFS (target) volume pairs from h5 files, single- or multi-coil.
 
 Pairs come from a CSV whose rows start with the PD and the PDFS file names (without `.h5`), as
-in the reference's data_split files. Images are the magnitude of the inverse FFT of the
-k-space, center-cropped to the reconstruction size (320 for the knee data).
+in the reference's data_split files (fastMRI's single- and multi-coil knee files share their
+names). Images are the magnitude of the inverse FFT of the k-space (multi-coil: the
+root-sum-of-squares of the coil images), center-cropped to the reconstruction size (320 for the
+knee data: the crop also removes the readout's 2x oversampling).
 """
 
 import csv
@@ -20,9 +22,12 @@ ISMRMRD_NAMESPACE = {'m': 'http://www.ismrm.org/ISMRMRD'}
 
 
 @dataclasses.dataclass(frozen=True)
-class KneePair:
-  pd: Path
-  pdfs: Path
+class KspacePair:
+  """One subject's target and reference k-space files, slice by slice: each a tuple of
+  repetitions (averaged; fastMRI has one)."""
+  subject: str
+  target: tuple[Path, ...]
+  reference: tuple[Path, ...]
   num_slices: int
 
 
@@ -41,20 +46,24 @@ def read_header(path: Path) -> dict[str, tuple[int, int]]:
     raise DataError(f'{path}: no readable ISMRMRD header ({type(e).__name__}: {e})') from e
 
 
-def _num_slices(path: Path) -> int:
+def kspace_shape(path: Path, multicoil: bool = False) -> tuple[int, ...]:
+  """The shape of the file's complex `kspace`: (slices, [coils,] rows, cols)."""
+  layout, dims = (('(slices, coils, rows, cols) for multi-coil', 4) if multicoil else
+                  ('(slices, rows, cols) for single-coil', 3))
   try:
     with h5py.File(path, 'r') as f:
       volume = f['kspace']
-      if volume.ndim != 3 or not np.issubdtype(volume.dtype, np.complexfloating):
-        raise DataError(f'{path}: "kspace" must be complex (slices, rows, cols) for single-coil '
-                        f'data; got {volume.dtype} {volume.shape}')
-      return volume.shape[0]
+      if volume.ndim != dims or not np.issubdtype(volume.dtype, np.complexfloating):
+        raise DataError(f'{path}: "kspace" must be complex {layout} data; got {volume.dtype} '
+                        f'{volume.shape}')
+      return volume.shape
   except (OSError, KeyError) as e:
     raise DataError(f'{path}: not a readable fastMRI h5 file with "kspace" ({e})') from e
 
 
-def read_pairs(csv_file: str | os.PathLike, root: str | os.PathLike) -> list[KneePair]:
-  """The PD/PDFS pairs listed in `csv_file`, resolved under `root`."""
+def read_pairs(csv_file: str | os.PathLike, root: str | os.PathLike, multicoil: bool = False
+               ) -> list[KspacePair]:
+  """The PD/PDFS pairs listed in `csv_file`, resolved under `root` (PDFS the target)."""
   csv_file, root = Path(csv_file), Path(root)
   if not csv_file.is_file():
     raise DataError(f'{csv_file}: no such pairs file')
@@ -67,14 +76,15 @@ def read_pairs(csv_file: str | os.PathLike, root: str | os.PathLike) -> list[Kne
       for path in (pd, pdfs):
         if not path.is_file():
           raise DataError(f'{csv_file}:{line}: {path} does not exist')
-      pairs.append(KneePair(pd, pdfs, min(_num_slices(pd), _num_slices(pdfs))))
+      pairs.append(KspacePair(pdfs.stem, (pdfs,), (pd,), min(
+          kspace_shape(pd, multicoil)[0], kspace_shape(pdfs, multicoil)[0])))
   if not pairs:
     raise DataError(f'{csv_file}: lists no pairs')
   return pairs
 
 
 def read_kspace_slice(path: Path, index: int) -> np.ndarray:
-  """One complex (rows, cols) k-space slice."""
+  """One complex ([coils,] rows, cols) k-space slice."""
   try:
     with h5py.File(path, 'r') as f:
       values = f['kspace'][index]
@@ -83,3 +93,10 @@ def read_kspace_slice(path: Path, index: int) -> np.ndarray:
   if not np.isfinite(values).all():
     raise DataError(f'{path}: slice {index} holds NaN/inf k-space samples')
   return values
+
+
+def read_kspace(paths: tuple[Path, ...], index: int) -> np.ndarray:
+  """Slice `index` of the files' k-space, averaged over them (repetitions of one scan: the
+  k-space of a scan with that many averages)."""
+  values = [read_kspace_slice(path, index) for path in paths]
+  return values[0] if len(values) == 1 else np.mean(values, axis=0).astype(values[0].dtype)

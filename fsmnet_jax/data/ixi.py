@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from fsmnet_jax.data import DataError
+from fsmnet_jax.data import DataError, check_contrasts
 from fsmnet_jax.data.volumes import VolumePair
 
 CONTRASTS = ('T1', 'T2', 'PD')
@@ -34,12 +34,7 @@ def find_subjects(root: str | os.PathLike, target: str = 'T2', reference: str = 
   """The subjects of the chosen `sites` with both a `target` and a `reference` volume, found
   anywhere under `root`, sorted by name ('IXI002-Guys-0828'). Subjects lacking one of the two
   are left out (IXI has a few) and counted in the log."""
-  for key, contrast in (('target_contrast', target), ('reference_contrast', reference)):
-    if contrast not in CONTRASTS:
-      raise DataError(f'config.data.{key}={contrast!r}: IXI has {", ".join(CONTRASTS)}')
-  if target == reference:
-    raise DataError(f'config.data.target_contrast and reference_contrast are both {target!r}; '
-                    'the reference must be another contrast')
+  check_contrasts('IXI', CONTRASTS, target, reference)
   chosen_sites = parse_sites(sites)
   root = Path(root)
   if not root.is_dir():

@@ -19,9 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from fsmnet_jax.data import DataError, brats, fastmri, ixi, kspace, masks, transforms, volumes
+from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, masks, transforms,
+                             volumes)
 
-DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri')
+DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw')
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
 _SOURCE_NAMES = {'demo': 'BratsSlices', 'brats': 'BratsSlices', 'ixi': 'IxiSlices',
@@ -97,13 +98,16 @@ class VolumeSlices(grain.RandomAccessDataSource):
     return self._description
 
 
-class KneeSlices(grain.RandomAccessDataSource):
-  """Slices of fastMRI PD/PDFS pairs: PDFS k-space (target), PD image (auxiliary)."""
+class KspaceSlices(grain.RandomAccessDataSource):
+  """Slices of h5 k-space pairs (fastMRI's PD/PDFS, M4Raw's contrasts): the target's k-space
+  and image, the reference's image; multi-coil images are the root-sum-of-squares of the
+  coils'."""
 
-  def __init__(self, pairs: list[fastmri.KneePair], image_size: int):
-    self._pairs, self._size = pairs, image_size
+  def __init__(self, pairs: list[fastmri.KspacePair], image_size: int, multicoil: bool,
+               name: str):
+    self._pairs, self._size, self._multicoil, self._name = pairs, image_size, multicoil, name
     for pair in pairs:
-      for path in (pair.pd, pair.pdfs):
+      for path in pair.reference + pair.target:
         recon = fastmri.read_header(path)['recon_size']
         if min(recon) < image_size:
           raise DataError(f'{path}: its reconstruction size {recon[0]}x{recon[1]} (ISMRMRD '
@@ -115,17 +119,20 @@ class KneeSlices(grain.RandomAccessDataSource):
 
   def record(self, i: int) -> SliceRecord:
     pair, index = self._records[i]
-    return SliceRecord(i, pair.pdfs.name, index, pair.pdfs.stem)
+    return SliceRecord(i, pair.target[0].name, index, pair.subject)
 
   def __getitem__(self, i: int) -> dict:
     pair, index = self._records[i]
-    target_kspace = fastmri.read_kspace_slice(pair.pdfs, index)
-    aux = kspace.zero_filled(fastmri.read_kspace_slice(pair.pd, index), size=self._size)
-    return {'target': kspace.zero_filled(target_kspace, size=self._size), 'aux': aux,
+    target_kspace = fastmri.read_kspace(pair.target, index)
+    image = lambda k: kspace.zero_filled(k, size=self._size, coils=self._multicoil)
+    return {'target': image(target_kspace),
+            'aux': image(fastmri.read_kspace(pair.reference, index)),
             'kspace': target_kspace, 'record': self.record(i)}
 
   def __repr__(self) -> str:
-    return f'KneeSlices({len(self._pairs)} pairs, {len(self._records)} slices, size {self._size})'
+    coils = ', multi-coil' if self._multicoil else ''
+    return (f'{self._name}({len(self._pairs)} pairs, {len(self._records)} slices, '
+            f'size {self._size}{coils})')
 
 
 class Undersample(grain.RandomMapTransform):
@@ -143,9 +150,10 @@ class Undersample(grain.RandomMapTransform):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     record = element['record']
     seed = tuple(map(ord, record.volume)) if self._fixed else int(rng.integers(2**31))
-    mask = masks.sampling_mask(self._config, element['kspace'].shape, seed)
+    coils = element['kspace'].ndim == 3  # (coils, rows, cols): one mask for every coil
+    mask = masks.sampling_mask(self._config, element['kspace'].shape[-2:], seed)
     size = element['target'].shape[0]
-    under = kspace.zero_filled(element['kspace'], mask, size)
+    under = kspace.zero_filled(element['kspace'], mask, size, coils)
     example = transforms.normalize_example(under, element['target'], element['aux'])
     # On the image's own k-space grid: exact for BraTS; for fastMRI the measured k-space
     # cropped like the image.
@@ -167,11 +175,17 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
     return VolumeSlices(chosen, data.image_size, data.percentile, data.min_foreground,
                         align_by_headers, data.skip_bad_subjects, data.cache_dir or None,
                         _SOURCE_NAMES[data.dataset])
-  if data.dataset == 'fastmri':
+  if data.dataset in ('fastmri', 'fastmri_multicoil'):
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
       raise DataError(f'config.data.{split}_pairs: name the CSV of PD/PDFS pairs for {split}')
-    return KneeSlices(fastmri.read_pairs(csv_file, root), data.image_size)
+    multicoil = data.dataset == 'fastmri_multicoil'
+    return KspaceSlices(fastmri.read_pairs(csv_file, root, multicoil), data.image_size,
+                        multicoil, 'KneeSlices')
+  if data.dataset == 'm4raw':
+    return KspaceSlices(m4raw.find_pairs(root, split, data.target_contrast,
+                                         data.reference_contrast, data.repetition),
+                        data.image_size, True, 'M4RawSlices')
   raise DataError(f'config.data.dataset: unknown data set {data.dataset!r}; '
                   f'use one of {", ".join(DATASETS)}')
 
