@@ -134,7 +134,8 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
 
 
 def _read_kspace(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-  """(slices, rows, cols) complex k-space and the file's (cols,) `mask` if it has one."""
+  """(slices, [coils,] rows, cols) complex k-space and the file's (cols,) `mask` if it has
+  one."""
   try:
     with h5py.File(path, 'r') as f:
       values = f['kspace'][()]
@@ -143,9 +144,10 @@ def _read_kspace(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     raise DataError(f'{path}: no such file') from None
   except (OSError, KeyError) as e:
     raise DataError(f'{path}: not a readable fastMRI h5 file with "kspace" ({e})') from e
-  if values.ndim != 3 or not np.iscomplexobj(values):
-    raise DataError(f'{path}: "kspace" must be complex (slices, rows, cols) single-coil data; '
-                    f'got {values.dtype} {values.shape}')
+  if values.ndim not in (3, 4) or not np.iscomplexobj(values):
+    raise DataError(f'{path}: "kspace" must be complex (slices, rows, cols) single-coil or '
+                    f'(slices, coils, rows, cols) multi-coil data; got {values.dtype} '
+                    f'{values.shape}')
   if not np.isfinite(values).all():
     raise DataError(f'{path}: "kspace" holds NaN/inf samples')
   if file_mask is not None and np.shape(file_mask) != (values.shape[-1],):
@@ -160,10 +162,10 @@ def measured_mask(path: Path, values: np.ndarray, file_mask: np.ndarray | None,
   """The (rows, cols) mask of measured samples: the file's, else its non-zero columns; a
   fully-sampled file is undersampled with a seeded mask (needs `acceleration`). Also says
   whether the undersampling was simulated."""
-  rows, cols = values.shape[1:]
+  rows, cols = values.shape[-2:]
   if file_mask is not None:
     return np.broadcast_to(np.asarray(file_mask, np.float32), (rows, cols)).copy(), False
-  measured = np.any(values != 0, axis=(0, 1))
+  measured = np.any(values != 0, axis=tuple(range(values.ndim - 1)))
   if not measured.all():
     return np.broadcast_to(measured.astype(np.float32), (rows, cols)).copy(), False
   if acceleration is None:
@@ -176,31 +178,38 @@ def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.Config
                        kspace_path: Path, reference_path: Path, out: Path,
                        acceleration: int | None, seed: int, with_data_consistency: bool = False,
                        overwrite: bool = False) -> Reconstruction:
-  """Reconstruction from a fastMRI single-coil k-space file guided by the fully-sampled
-  reference contrast (`reference_path`, same format), written to `out`: `.h5` with a
-  `reconstruction` dataset (fastMRI's convention) or NIfTI."""
+  """Reconstruction from a fastMRI-format k-space file, single- or multi-coil (the network sees
+  the root-sum-of-squares of the coil images, and gives that image), guided by the
+  fully-sampled reference contrast (`reference_path`, either format), written to `out`: `.h5`
+  with a `reconstruction` dataset (fastMRI's convention) or NIfTI."""
   if not out.name.endswith((*NIFTI_SUFFIXES, '.h5')):
     raise DataError(f'{out}: name the output .h5 (fastMRI format), .nii or .nii.gz')
   refuse_existing([out, mask_path(out)], overwrite)
   values, file_mask = _read_kspace(kspace_path)
   reference, _ = _read_kspace(reference_path)
+  coils = values.ndim == 4
+  if coils and with_data_consistency:
+    raise DataError(f'{kspace_path}: multi-coil k-space; data consistency would need the '
+                    'coils\' sensitivities, which are not estimated: run without '
+                    '--data-consistency')
   if values.shape[0] != reference.shape[0]:
     raise DataError(f'{kspace_path} and {reference_path}: {values.shape[0]} vs '
                     f'{reference.shape[0]} slices; give the reference scan of the same volume')
   size = data.image_size
   for path, volume in ((kspace_path, values), (reference_path, reference)):
-    if min(volume.shape[1:]) < size:
-      raise DataError(f'{path}: k-space of {volume.shape[1]}x{volume.shape[2]} is smaller '
+    if min(volume.shape[-2:]) < size:
+      raise DataError(f'{path}: k-space of {volume.shape[-2]}x{volume.shape[-1]} is smaller '
                       f'than the model\'s image size {size} (config.data.image_size)')
   mask, simulated = measured_mask(kspace_path, values, file_mask, data, acceleration, seed)
   measured = values * mask
-  zero_filled = kspace.zero_filled(measured, size=size)
-  image = reconstructor(zero_filled, kspace.zero_filled(reference, size=size))
+  zero_filled = kspace.zero_filled(measured, size=size, coils=coils)
+  image = reconstructor(zero_filled,
+                        kspace.zero_filled(reference, size=size, coils=reference.ndim == 4))
   if with_data_consistency:
     image = _full_grid_consistency(image, measured, mask)
   psnr = {}
   if simulated:
-    target = kspace.zero_filled(values, size=size)
+    target = kspace.zero_filled(values, size=size, coils=coils)
     psnr = {name: float(metrics.volume_psnr(target, x))
             for name, x in (('zero_filled', zero_filled), ('fsmnet', image))}
   result = Reconstruction(image, zero_filled, mask, psnr)

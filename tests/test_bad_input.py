@@ -212,7 +212,8 @@ RECONSTRUCT_CASES = {
         .astype(k.dtype)), '"kspace" holds NaN/inf samples'),
     'real k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g,
                                                           lambda k: np.abs(k).astype(np.int16)),
-                     '"kspace" must be complex (slices, rows, cols) single-coil data'),
+                     '"kspace" must be complex (slices, rows, cols) single-coil or '
+                     '(slices, coils, rows, cols) multi-coil data'),
     '1-pixel k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g, lambda k: k[:, :1, :1]),
                         "k-space of 1x1 is smaller than the model's image size 32"),
     'reference of another volume': ('reference', lambda d, g: _kspace_file(d / 'r.h5', g,

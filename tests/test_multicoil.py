@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from fsmnet_jax import metrics, reconstruct
 from fsmnet_jax.configs import default
 from fsmnet_jax.data import DataError, fastmri, kspace, m4raw, pipeline
 from fsmnet_jax.data.demo import ISMRMRD_HEADER
@@ -159,3 +160,26 @@ def test_fastmri_multicoil_knee_pairs_crop_the_oversampled_readout(tmp_path):
   with pytest.raises(DataError, match=r'file100000\d.h5: "kspace" must be complex '
                                       r'\(slices, rows, cols\) for single-coil'):
     pipeline.make_source(config, 'test')
+
+
+def test_reconstruct_multicoil_kspace_gives_the_coils_combined_image(tmp_path):
+  anatomy = head_phantom((3, 32, 32), np.random.default_rng(3))
+  values = write_multicoil(tmp_path / 't2.h5', anatomy['t2'])
+  write_multicoil(tmp_path / 't1.h5', anatomy['t1'])
+  data = _config().data
+  zero_filled_in = lambda under, aux: under  # the network's input comes back out
+  result = reconstruct.reconstruct_kspace(zero_filled_in, data, tmp_path / 't2.h5',
+                                          tmp_path / 't1.h5', tmp_path / 'out.h5', 4, seed=0)
+  assert result.mask.shape == (32, 32) and 0.1 < result.mask.mean() < 0.45
+  expected = kspace.zero_filled(values * result.mask, size=32, coils=True)
+  np.testing.assert_allclose(result.image, expected, rtol=1e-5, atol=1e-6)
+  with h5py.File(tmp_path / 'out.h5') as f:
+    assert f['reconstruction'].shape == (3, 32, 32)
+  # Simulated from fully-sampled coils: scored against their root-sum-of-squares, the image.
+  assert result.psnr['zero_filled'] == pytest.approx(
+      float(metrics.volume_psnr(anatomy['t2'], expected)), abs=0.05)
+  with pytest.raises(DataError, match="t2.h5: multi-coil k-space; data consistency would need "
+                                      "the coils' sensitivities"):
+    reconstruct.reconstruct_kspace(zero_filled_in, data, tmp_path / 't2.h5', tmp_path / 't1.h5',
+                                   tmp_path / 'dc.h5', 4, seed=0, with_data_consistency=True)
+  assert not (tmp_path / 'dc.h5').exists()

@@ -49,22 +49,25 @@ def main(argv: list[str] | None = None) -> int:
       prog='fsmnet-reconstruct',
       description='Reconstruct a whole scan with a trained FSMNet. From NIfTI images: '
                   '--t1 T1 --t2 T2 --acceleration N simulates the undersampling of T2 with a '
-                  'seeded mask. From k-space: --kspace a fastMRI single-coil .h5 (its "mask", '
+                  'seeded mask. From k-space: --kspace a fastMRI-format .h5, single- or multi-coil '
+                  '(the output is then the root-sum-of-squares image; its "mask", '
                   'else its non-zero lines, else --acceleration simulates one) and --reference '
                   'the fully-sampled reference contrast .h5. The mask used is saved as '
                   'OUT_mask.npy.')
   add_model_arguments(parser)
   parser.add_argument('--t1', type=Path, help='reference contrast, NIfTI')
   parser.add_argument('--t2', type=Path, help='fully-sampled target contrast, NIfTI')
-  parser.add_argument('--kspace', type=Path, help='target k-space, fastMRI single-coil .h5')
+  parser.add_argument('--kspace', type=Path,
+                      help='target k-space, fastMRI-format .h5, single- or multi-coil')
   parser.add_argument('--reference', type=Path,
-                      help='fully-sampled reference contrast k-space, fastMRI single-coil .h5')
+                      help='fully-sampled reference contrast k-space, fastMRI-format .h5')
   parser.add_argument('--acceleration', type=int,
                       help='undersampling factor to simulate (default: the config\'s; '
                            'k-space files with measured lines ignore it)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the simulated mask')
   parser.add_argument('--data-consistency', action='store_true',
-                      help='put the measured k-space lines back into the output')
+                      help='put the measured k-space lines back into the output (single-coil '
+                           'k-space and NIfTI)')
   parser.add_argument('--batch-size', type=int, default=8,
                       help='slices per step, split over the local devices')
   parser.add_argument('--out', type=Path, required=True,
