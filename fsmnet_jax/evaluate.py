@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fsmnet_jax import conv, mesh as mesh_lib, metrics
-from fsmnet_jax.data import kspace, pipeline, transforms
+from fsmnet_jax.data import DataError, kspace, pipeline, transforms
 from fsmnet_jax.files import refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet
@@ -291,6 +291,10 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   """Evaluates `params` on `split` and writes the report files into `out_dir`; returns
   metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
   out_dir = Path(out_dir)
+  if with_data_consistency and config.data.dataset in pipeline.MULTICOIL:
+    raise DataError(f'config.data.dataset={config.data.dataset!r}: multi-coil data; data '
+                    'consistency would need the coils\' sensitivities, which are not estimated: '
+                    'evaluate without --data_consistency')
   refuse_existing([out_dir], overwrite)
   scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data

@@ -186,12 +186,12 @@ def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.Config
     raise DataError(f'{out}: name the output .h5 (fastMRI format), .nii or .nii.gz')
   refuse_existing([out, mask_path(out)], overwrite)
   values, file_mask = _read_kspace(kspace_path)
-  reference, _ = _read_kspace(reference_path)
   coils = values.ndim == 4
   if coils and with_data_consistency:
     raise DataError(f'{kspace_path}: multi-coil k-space; data consistency would need the '
                     'coils\' sensitivities, which are not estimated: run without '
                     '--data-consistency')
+  reference, _ = _read_kspace(reference_path)
   if values.shape[0] != reference.shape[0]:
     raise DataError(f'{kspace_path} and {reference_path}: {values.shape[0]} vs '
                     f'{reference.shape[0]} slices; give the reference scan of the same volume')

@@ -48,7 +48,7 @@ def test_a_config_loads_passes_the_run_checks_and_builds_its_model(name):
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_SETTINGS | OTHER_DATA_SETS))
-def test_the_paper_configs_train_the_papers_model_with_its_recipe(name):
+def test_the_data_set_configs_train_the_papers_model_with_its_recipe(name):
   config = load_config_file(CONFIG_DIR / f'{name}.py')
   dataset, acceleration, center_fraction, image_size = (PAPER_SETTINGS | OTHER_DATA_SETS)[name]
   assert (config.data.dataset, config.data.acceleration, config.data.center_fraction,

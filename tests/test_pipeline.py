@@ -39,6 +39,10 @@ def test_batches(config):
   np.testing.assert_allclose(batch['mask'].mean(), 1 / config.data.acceleration, atol=0.1)
   assert batch['mean'].shape == batch['std'].shape == (3,)
   source = pipeline.make_source(config, 'train')
+  # grain compares a source's repr when a run resumes its iterator: this one is frozen, so that
+  # runs of earlier versions resume.
+  assert repr(source) == (f'BratsSlices(3 subjects, {len(source)} slices, first DemoBraTS_000, '
+                          'size 32)')
   for key in batch['key']:
     record = source.record(int(key))
     assert record.key == key and record.subject.startswith('DemoBraTS_')
@@ -93,6 +97,7 @@ def test_fastmri_source_and_config_errors(config, tmp_path):
   knee.data.root = config.data.root + '/fastmri'
   knee.data.train_pairs = config.data.root + '/fastmri/pairs.csv'
   knee.data.image_size = 24
+  assert repr(pipeline.make_source(knee, 'train')) == 'KneeSlices(2 pairs, 16 slices, size 24)'
   [batch] = _batches(pipeline.make_loader(knee, 'train', 2), 1)[1]
   assert batch['target'].shape == (2, 24, 24, 1)
   knee.data.image_size = 48

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from fsmnet_jax.cli.common import USER_ERRORS, run_command
-from fsmnet_jax.data import demo
+from fsmnet_jax.data import brain_template, demo
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="the brain subjects: ellipsoid phantoms, or 'brain': the ICBM152 "
                            'template deformed per subject (needs the brain extra, nilearn)')
   parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
-  # ImportError: --anatomy brain without nilearn, a missing install named in one line.
-  return run_command('fsmnet-make-demo-data', parser, _make, argv, USER_ERRORS + (ImportError,))
+  return run_command('fsmnet-make-demo-data', parser, _make, argv,
+                     USER_ERRORS + (brain_template.MissingExtraError,))
 
 
 if __name__ == '__main__':

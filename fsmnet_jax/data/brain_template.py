@@ -25,13 +25,17 @@ WARP_MM = 2.5  # standard deviation of the smooth non-linear displacement
 NOISE = 0.015  # Rician noise, relative to the brightest tissue
 
 
+class MissingExtraError(ImportError):
+  """nilearn, the `brain` extra, is not installed."""
+
+
 @functools.cache
 def template() -> dict[str, np.ndarray]:
   """The template's 'mask', 't1', 'gm', 'wm' and 'csf' maps (x, y, z) in [0, 1], and 'affine'."""
   try:
     from nilearn import datasets  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError('the brain demo needs nilearn: pip install "fsmnet-jax[brain]"') from e
+    raise MissingExtraError('the brain demo needs nilearn: pip install "fsmnet-jax[brain]"') from e
   t1 = datasets.load_mni152_template(resolution=1)
   maps = {'t1': t1.get_fdata(dtype=np.float32),
           'gm': datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32),

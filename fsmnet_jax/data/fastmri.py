@@ -1,4 +1,5 @@
-"""fastMRI knee: PD (auxiliary) / PDFS (target) volume pairs from h5 files, single- or multi-coil.
+"""fastMRI knee: PD (auxiliary) / PDFS (target) volume pairs from h5 files, single- or multi-coil;
+and the k-space pairs of fastMRI-format files in general (`KspacePair`, M4Raw's too).
 
 Pairs come from a CSV whose rows start with the PD and the PDFS file names (without `.h5`), as
 in the reference's data_split files (fastMRI's single- and multi-coil knee files share their

@@ -7,6 +7,7 @@ slice without alignment. The download's folders are the split: multicoil_train f
 multicoil_val for the test split.
 """
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -35,9 +36,10 @@ def find_pairs(root: str | os.PathLike, split: str, target: str = 'T2', referenc
     if match:
       subject, contrast, number = match.group(1), match.group(2), int(match.group(3))
       files.setdefault(subject, {}).setdefault(contrast, {})[number] = path
-  pairs = []
+  pairs, incomplete = [], []
   for subject, contrasts in sorted(files.items()):
     if target not in contrasts or reference not in contrasts:
+      incomplete.append(subject)
       continue
     chosen = {}
     for contrast in (target, reference):
@@ -49,11 +51,15 @@ def find_pairs(root: str | os.PathLike, split: str, target: str = 'T2', referenc
                                if repetition in (0, k))
     shapes = {path: fastmri.kspace_shape(path, multicoil=True)
               for path in chosen[target] + chosen[reference]}
-    if len({shape[1:] for shape in shapes.values()}) > 1:
-      raise DataError(f'{folder}: subject {subject}\'s files differ in coils or matrix: '
-                      + ', '.join(f'{p.name} {s}' for p, s in shapes.items()))
+    # Slices are paired by index (one session, one slice plan): the shapes must agree.
+    if len(set(shapes.values())) > 1:
+      raise DataError(f'{folder}: subject {subject}\'s files differ in shape (slices, coils, '
+                      'rows, cols): ' + ', '.join(f'{p.name} {s}' for p, s in shapes.items()))
     pairs.append(fastmri.KspacePair(subject, chosen[target], chosen[reference],
-                                    min(shape[0] for shape in shapes.values())))
+                                    next(iter(shapes.values()))[0]))
+  if incomplete:
+    logging.info('M4Raw: %d subjects without both %s and %s left out: %s', len(incomplete),
+                 target, reference, ', '.join(incomplete[:10]))
   if not pairs:
     raise DataError(f'{folder}: no subject with both {target} and {reference} files '
                     f'(<study>_{target}01.h5, <study>_{reference}01.h5)')

@@ -23,6 +23,7 @@ from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, mask
                              volumes)
 
 DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw')
+MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the coils'
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
 _SOURCE_NAMES = {'demo': 'BratsSlices', 'brats': 'BratsSlices', 'ixi': 'IxiSlices',
@@ -43,20 +44,21 @@ class VolumeSlices(grain.RandomAccessDataSource):
   def __init__(self, subjects: list[volumes.VolumePair], image_size: int, percentile: float,
                min_foreground: float, align_by_headers: bool = False,
                skip_bad_subjects: bool = False, cache_dir: str | None = None,
-               name: str = 'VolumeSlices'):
+               name: str = 'VolumeSlices'):  # in the repr: see _SOURCE_NAMES
     self._open_volumes, self._lock = {}, threading.Lock()
     self._records, skipped = [], []
     for subject in subjects:
       try:
-        pair = volumes.cached_pair(subject, image_size, percentile, align_by_headers, cache_dir)
+        cached = volumes.cached_pair(subject, image_size, percentile, align_by_headers,
+                                     cache_dir)
       except DataError as e:
         if not skip_bad_subjects:
           raise
         logging.warning('skipping subject %s: %s', subject.name, e)
         skipped.append(subject.name)
         continue
-      self._records += [(pair.filename, subject, i)
-                        for i in volumes.foreground_slices(pair[1], min_foreground)]
+      self._records += [(cached.filename, subject, i) for i in volumes.covered_slices(
+          cached[0], cached[1], min_foreground, align_by_headers)]
     if skipped:
       logging.warning('skipped %d of %d subjects with unusable data: %s', len(skipped),
                       len(subjects), ', '.join(skipped))
@@ -156,7 +158,7 @@ class Undersample(grain.RandomMapTransform):
     under = kspace.zero_filled(element['kspace'], mask, size, coils)
     example = transforms.normalize_example(under, element['target'], element['aux'])
     # On the image's own k-space grid: exact for BraTS; for fastMRI the measured k-space
-    # cropped like the image.
+    # cropped like the image; for multi-coil data the lines every coil measured.
     image_mask = transforms.fit_to_size(mask, size)
     return {**{k: example[k][..., None] for k in ('target_under', 'aux', 'target')},
             'mask': image_mask.astype(np.float32), 'mean': example['mean'], 'std': example['std'],
@@ -179,7 +181,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
       raise DataError(f'config.data.{split}_pairs: name the CSV of PD/PDFS pairs for {split}')
-    multicoil = data.dataset == 'fastmri_multicoil'
+    multicoil = data.dataset in MULTICOIL
     return KspaceSlices(fastmri.read_pairs(csv_file, root, multicoil), data.image_size,
                         multicoil, 'KneeSlices')
   if data.dataset == 'm4raw':
@@ -201,7 +203,9 @@ def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePa
   if data.dataset == 'ixi':
     return ixi.find_subjects(root, data.target_contrast, data.reference_contrast,
                              data.sites), True
-  return volumes.find_glob_pairs(root, data.target_glob, data.reference_glob), True
+  if data.dataset == 'nifti_pairs':
+    return volumes.find_glob_pairs(root, data.target_glob, data.reference_glob), True
+  raise DataError(f'config.data.dataset={data.dataset!r}: not a NIfTI data set')
 
 
 class GlobalBatchSampler:

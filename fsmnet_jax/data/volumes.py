@@ -6,7 +6,8 @@ Volumes are reoriented to RAS from their affine, so axial slices are taken along
 axis whatever the storage order. A reference stored on another voxel grid than its target (IXI's
 sagittal T1 against its axial T2) is, where the data set allows it, resampled onto the target's
 grid through the two affines: alignment by the scanner coordinates in the headers, not a
-registration, so motion between the two scans stays.
+registration, so motion between the two scans stays. Target slices the reference does not reach
+are left out (`covered_slices`).
 """
 
 import dataclasses
@@ -27,9 +28,6 @@ from fsmnet_jax.files import default_cache_dir, write_atomically
 
 # Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
 MIN_SLICE_SIZE = 8
-# A reference resampled onto its target's grid must cover at least this fraction of the
-# target's voxels; less means headers that do not describe one head in one scanner frame.
-MIN_OVERLAP = 0.5
 # Voxel grids whose affines differ by less than this (mm, per entry) are one grid.
 GRID_TOLERANCE_MM = 1e-3
 
@@ -103,7 +101,11 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f'{path}: expected a 3-D volume, got shape {data.shape}')
   if not np.isfinite(data).all():
     raise DataError(f'{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels')
-  return data, image.affine
+  affine = image.affine
+  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    raise DataError(f'{path}: its voxel-to-world affine is singular or not finite '
+                    f'({np.round(affine[:3], 4).tolist()})')
+  return data, affine
 
 
 def axial_slices(data: np.ndarray, affine: np.ndarray, path: Path) -> np.ndarray:
@@ -138,29 +140,29 @@ def to_file_layout(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def resample_onto(data: np.ndarray, affine: np.ndarray, grid_shape: tuple[int, ...],
                   grid_affine: np.ndarray) -> tuple[np.ndarray, float]:
   """(`data` resampled onto the voxel grid of `grid_shape` and `grid_affine` by linear
-  interpolation through the two affines, zero outside `data`; the fraction of the grid's voxels
-  that fall inside `data`)."""
+  interpolation through the two affines, zero outside `data`; how many of the grid's voxels
+  fall inside `data`)."""
   voxel_to_voxel = np.linalg.inv(affine) @ grid_affine  # grid voxel -> data voxel
   coordinates = np.indices(grid_shape, dtype=np.float32).reshape(3, -1)
   mapped = voxel_to_voxel[:3, :3] @ coordinates + voxel_to_voxel[:3, 3:]
   inside = np.all((mapped > -0.5) & (mapped < np.array(data.shape)[:, None] - 0.5), axis=0)
   resampled = ndimage.map_coordinates(data, mapped, order=1, mode='constant', cval=0.0)
-  return resampled.reshape(grid_shape).astype(np.float32), float(inside.mean())
+  return resampled.reshape(grid_shape).astype(np.float32), int(inside.sum())
 
 
 def load_pair(pair: VolumePair, align_by_headers: bool) -> tuple[np.ndarray, np.ndarray]:
   """(reference, target) axial slices on the target's voxel grid. A reference on another grid
-  is resampled onto it if `align_by_headers`, else refused (BraTS ships co-registered pairs)."""
+  is resampled onto it if `align_by_headers`; else volumes of one shape are taken as one grid
+  and others refused (BraTS ships co-registered pairs)."""
   target, target_affine = read_volume(pair.target)
   reference, reference_affine = read_volume(pair.reference)
   same_grid = (reference.shape == target.shape
                and np.allclose(reference_affine, target_affine, atol=GRID_TOLERANCE_MM))
   if not same_grid and align_by_headers:
     reference, overlap = resample_onto(reference, reference_affine, target.shape, target_affine)
-    if overlap < MIN_OVERLAP:
-      raise DataError(f'{pair.reference} and {pair.target}: by their headers the reference '
-                      f'covers {overlap:.0%} of the target volume (at least {MIN_OVERLAP:.0%} '
-                      'needed); they are not one head in one scanner frame')
+    if not overlap:
+      raise DataError(f'{pair.reference} and {pair.target}: by their headers the two volumes do '
+                      'not overlap; they are not one head in one scanner frame')
     reference_affine = target_affine
   reference = axial_slices(reference, reference_affine, pair.reference)
   target = axial_slices(target, target_affine, pair.target)
@@ -204,6 +206,7 @@ def cached_pair(pair: VolumePair, image_size: int, percentile: float, align_by_h
   """
   stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
            for p in (pair.reference, pair.target)]
+  # Pairs that are not aligned keep the key of before alignment existed: BraTS caches stay valid.
   settings = [stats, image_size, percentile] + (['aligned'] if align_by_headers else [])
   key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
   path = Path(cache_dir or default_cache_dir()) / f'{_file_safe(pair.name)}-{key}.npy'
@@ -222,6 +225,18 @@ def foreground_slices(target: np.ndarray, min_foreground: float, level: float = 
   """Indices of slices where more than `min_foreground` of the pixels exceed `level`."""
   fraction = (target > level).mean(axis=(1, 2))
   return [int(i) for i in np.flatnonzero(fraction > min_foreground)]
+
+
+def covered_slices(reference: np.ndarray, target: np.ndarray, min_foreground: float,
+                   aligned: bool) -> list[int]:
+  """The target's foreground slices, and of a reference aligned by the headers those where it
+  shows anatomy too: a reference scanned over a shorter stretch (IXI has a 29-slice PD against
+  its 112-slice T2) guides only where it reaches."""
+  chosen = foreground_slices(target, min_foreground)
+  if aligned:
+    reached = set(foreground_slices(reference, min_foreground))
+    chosen = [i for i in chosen if i in reached]
+  return chosen
 
 
 def split_subjects(pairs: list[VolumePair], test_fraction: float, seed: int,
