@@ -115,14 +115,15 @@ def test_bad_input_names_the_file(tmp_path):
 
 def test_split_is_seeded_written_once_and_respected(demo_root, tmp_path):
   subjects = brats.find_subjects(demo_root)
+  names = [s.name for s in subjects]
   split_file = tmp_path / 'split.json'
-  split = volumes.split_subjects(subjects, 0.25, seed=0, split_file=split_file)
+  split = volumes.split_subjects(names, 0.25, seed=0, split_file=split_file)
   assert len(split['test']) == 1 and len(split['train']) == 3
-  assert sorted(split['train'] + split['test']) == [s.name for s in subjects]
+  assert sorted(split['train'] + split['test']) == names
   assert json.loads(split_file.read_text()) == split
   # A different seed does not silently change a split that has been written.
-  assert volumes.split_subjects(subjects, 0.25, seed=5, split_file=split_file) == split
-  assert volumes.split_subjects(subjects, 0.25, seed=0) == split
+  assert volumes.split_subjects(names, 0.25, seed=5, split_file=split_file) == split
+  assert volumes.split_subjects(names, 0.25, seed=0) == split
   split_file.write_text(json.dumps({'train': ['ghost'], 'test': []}))
   with pytest.raises(DataError, match="split.json: lists subjects not found.*ghost"):
-    volumes.split_subjects(subjects, 0.25, seed=0, split_file=split_file)
+    volumes.split_subjects(names, 0.25, seed=0, split_file=split_file)

@@ -154,14 +154,22 @@ def _config(root, **data):
 def test_the_pipeline_reads_ixi_with_a_subject_level_split_file(ixi_root, tmp_path):
   split_file = tmp_path / 'ixi_split.json'
   config = _config(ixi_root, dataset='ixi', reference_contrast='T1', split_file=str(split_file),
-                   cache_dir=str(tmp_path / 'cache'))
+                   cache_dir=str(tmp_path / 'cache'), test_fraction=0.4)
   train, test = (pipeline.make_source(config, split) for split in ('train', 'test'))
   split = json.loads(split_file.read_text())
-  assert sorted(split['train'] + split['test']) == [p.name for p in ixi.find_subjects(ixi_root)]
-  assert {train.record(i).subject for i in range(len(train))} == set(split['train'])
-  assert {test.record(i).subject for i in range(len(test))} == set(split['test'])
-  assert repr(train).startswith('IxiSlices(3 subjects')
+  # Every subject is split, whatever contrasts it has (IXI013-HH-1212 has T2 alone): runs
+  # guided by PD and by T1 test on the same subjects.
+  assert sorted(split['train'] + split['test']) == ixi.subject_names(ixi_root) == [
+      'IXI002-Guys-0828', 'IXI012-HH-1211', 'IXI013-HH-1212', 'IXI017-Guys-0698',
+      'IXI035-IOP-0873']
+  complete = {p.name for p in ixi.find_subjects(ixi_root)}
+  for source, names in ((train, split['train']), (test, split['test'])):
+    assert {source.record(i).subject for i in range(len(source))} == set(names) & complete
   assert test.record(0).volume.endswith('-T2.nii.gz')  # the test mask is seeded from the target
+  config.data.reference_contrast = 'PD'  # the same split file, another guide
+  by_pd = pipeline.make_source(config, 'test')
+  assert {by_pd.record(i).subject for i in range(len(by_pd))} == set(split['test']) & complete
+  assert repr(by_pd).startswith('IxiSlices(')
   batch = next(iter(pipeline.make_loader(config, 'test', batch_size=2)))
   assert batch['target'].shape == batch['aux'].shape == (2, 64, 64, 1)
   assert np.isfinite(batch['target_under']).all() and batch['aux'].std() > 0.1

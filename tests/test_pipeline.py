@@ -131,8 +131,8 @@ def test_bad_subjects_stop_or_are_skipped(config, tmp_path, caplog):
   broken.write_bytes(broken.read_bytes()[:300])
   bad = config.copy_and_resolve_references()
   bad.data.root = str(root)
-  assignment = volumes.split_subjects(brats.find_subjects(root / 'brats'), bad.data.test_fraction,
-                                    bad.seed)
+  names = [s.name for s in brats.find_subjects(root / 'brats')]
+  assignment = volumes.split_subjects(names, bad.data.test_fraction, bad.seed)
   split = 'train' if 'DemoBraTS_000' in assignment['train'] else 'test'
   with pytest.raises(DataError, match='DemoBraTS_000_t2.nii.gz: not a readable NIfTI'):
     pipeline.make_source(bad, split)

@@ -35,15 +35,7 @@ def find_subjects(root: str | os.PathLike, target: str = 'T2', reference: str = 
   anywhere under `root`, sorted by name ('IXI002-Guys-0828'). Subjects lacking one of the two
   are left out (IXI has a few) and counted in the log."""
   check_contrasts('IXI', CONTRASTS, target, reference)
-  chosen_sites = parse_sites(sites)
-  root = Path(root)
-  if not root.is_dir():
-    raise DataError(f'{root}: no such data folder')
-  files: dict[str, dict[str, list[Path]]] = {}
-  for path in sorted(root.rglob('IXI*')):
-    match = FILE_NAME.match(path.name)
-    if match and match.group(2) in chosen_sites and path.is_file():
-      files.setdefault(match.group(1), {}).setdefault(match.group(3), []).append(path)
+  files = _files(root, sites)
   pairs, incomplete = [], []
   for subject, contrasts in sorted(files.items()):
     for contrast in (target, reference):
@@ -58,7 +50,27 @@ def find_subjects(root: str | os.PathLike, target: str = 'T2', reference: str = 
     logging.info('IXI: %d subjects without both %s and %s left out: %s', len(incomplete),
                  target, reference, ', '.join(incomplete[:10]))
   if not pairs:
-    raise DataError(f'{root}: no IXI subject of {"/".join(chosen_sites)} with both a {target} '
-                    f'and a {reference} volume (IXI<nnn>-<site>-<id>-{target}.nii.gz and '
+    raise DataError(f'{root}: no IXI subject of {"/".join(parse_sites(sites))} with both a '
+                    f'{target} and a {reference} volume (IXI<nnn>-<site>-<id>-{target}.nii.gz and '
                     f'-{reference}.nii.gz, anywhere under the folder)')
   return pairs
+
+
+def subject_names(root: str | os.PathLike, sites: str = '') -> list[str]:
+  """Every subject of the chosen `sites` under `root`, whatever contrasts it has: what the
+  split divides, so that runs with another pair of contrasts test on the same subjects."""
+  return sorted(_files(root, sites))
+
+
+def _files(root: str | os.PathLike, sites: str) -> dict[str, dict[str, list[Path]]]:
+  """{subject: {contrast: files}} of the IXI files of `sites` anywhere under `root`."""
+  chosen_sites = parse_sites(sites)
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(f'{root}: no such data folder')
+  files: dict[str, dict[str, list[Path]]] = {}
+  for path in sorted(root.rglob('IXI*')):
+    match = FILE_NAME.match(path.name)
+    if match and match.group(2) in chosen_sites and path.is_file():
+      files.setdefault(match.group(1), {}).setdefault(match.group(3), []).append(path)
+  return files

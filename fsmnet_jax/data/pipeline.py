@@ -171,9 +171,11 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   root = Path(data.root)
   if data.dataset in ('demo', 'brats', 'ixi', 'nifti_pairs'):
     subjects, align_by_headers = volume_pairs(data)
-    names = volumes.split_subjects(subjects, data.test_fraction, config.seed,
-                                   data.split_file or None)[split]
-    chosen = [s for s in subjects if s.name in set(names)]
+    everyone = (ixi.subject_names(root, data.sites) if data.dataset == 'ixi'
+                else [s.name for s in subjects])
+    names = set(volumes.split_subjects(everyone, data.test_fraction, config.seed,
+                                       data.split_file or None)[split])
+    chosen = [s for s in subjects if s.name in names]
     return VolumeSlices(chosen, data.image_size, data.percentile, data.min_foreground,
                         align_by_headers, data.skip_bad_subjects, data.cache_dir or None,
                         _SOURCE_NAMES[data.dataset])

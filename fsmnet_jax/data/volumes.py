@@ -239,11 +239,11 @@ def covered_slices(reference: np.ndarray, target: np.ndarray, min_foreground: fl
   return chosen
 
 
-def split_subjects(pairs: list[VolumePair], test_fraction: float, seed: int,
+def split_subjects(names: list[str], test_fraction: float, seed: int,
                    split_file: str | os.PathLike | None = None) -> dict[str, list[str]]:
-  """Subject-level train/test split, seeded. With `split_file`: read it if it exists (and check
-  that its subjects are present), else write it, so the split never changes silently."""
-  names = [p.name for p in pairs]
+  """Subject-level train/test split of `names`, seeded. With `split_file`: read it if it exists
+  (and check that its subjects are present), else write it, so the split never changes
+  silently."""
   if split_file is not None and Path(split_file).exists():
     try:
       split = json.loads(Path(split_file).read_text())
