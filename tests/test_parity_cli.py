@@ -25,6 +25,7 @@ from fsmnet_jax.baselines import MDUNet
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.model import abstract_params, count_params
 from torch_port import TorchFSMNet
+from torch_port import parity_cli
 from torch_port.parity_cli import main
 from torch_port.parity_report import noise_verdict, paired_difference, failed
 from torch_port.parity_runs import TABLE2_ROWS, flatten, table2_config
@@ -225,3 +226,19 @@ def test_ablation_writes_table2_beside_the_papers(tmp_path, data_root, compile_c
   status, _, stderr = _parity('ablation', '--config', str(REPO / 'configs/tiny.py'),
                               '--rows', 'mdunet,resnet', '--out', str(out))
   assert status == 2 and '--rows mdunet,resnet: use some of mdunet, fsfe, cms, fsmnet' in stderr
+
+
+def test_runs_recorded_before_a_config_key_existed_still_count(tmp_path):
+  """Such runs ran as the key's default does: a folder of them is claimed, unless the key is
+  now set otherwise."""
+  config = tiny.get_config()
+  settings = {'config': config.to_dict(), 'steps': 3, 'dtype': 'float32'}
+  older = json.loads(json.dumps(settings))
+  del older['config']['data']['repetition'], older['config']['model_name']
+  (tmp_path / 'parity.json').write_text(json.dumps(older))
+  claim = parity_cli._claim  # pylint: disable=protected-access
+  claim(tmp_path, settings)
+  config.data.repetition = 2
+  with pytest.raises(ValueError, match=r'holds runs of other settings \(config.data.repetition '
+                                       r'2 here, 0 there\)'):
+    claim(tmp_path, {**settings, 'config': config.to_dict()})

@@ -25,7 +25,7 @@ import ml_collections
 
 from fsmnet_jax import train as train_lib
 from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.cli.common import (RUN_FAULTS, load_config_file, override_config,
+from fsmnet_jax.cli.common import (CONFIG_DIR, RUN_FAULTS, load_config_file, override_config,
                                    run_reporting_errors)
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.files import write_atomically
@@ -177,11 +177,23 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     pipeline.make_source(config, split)
 
 
+def _with_defaults(recorded: dict, defaults: dict) -> dict:
+  """`recorded` with the keys it lacks taken from `defaults`: runs recorded before a config key
+  existed ran as its default does."""
+  merged = dict(defaults)
+  for key, value in recorded.items():
+    both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    merged[key] = _with_defaults(value, defaults[key]) if both_dicts else value
+  return merged
+
+
 def _claim(out: Path, settings: dict) -> None:
   """Records `settings` in `out`, or refuses an `out` that holds runs of other settings."""
   path = out / SETTINGS_FILE
   if path.exists():
     recorded = json.loads(path.read_text())
+    defaults = load_config_file(CONFIG_DIR / 'default.py').to_dict()
+    recorded['config'] = _with_defaults(recorded.get('config') or {}, defaults)
     differences = _differences({k: settings[k] for k in SAME_RUNS},
                                {k: recorded.get(k) for k in SAME_RUNS})
     if differences:
