@@ -209,6 +209,7 @@ def test_ablation_writes_table2_beside_the_papers(tmp_path, data_root, compile_c
         '--config.eval.max_batches=1', '--config.eval.batch_size=4', '--config.eval.every=2',
         '--rows', 'mdunet', '--seeds', '2', '--steps', '2', '--out', str(out))
   assert status == 0, stderr
+  assert (out / 'table2.png').stat().st_size > 10_000  # the PSNR curve was drawn
   (row,) = json.loads((out / 'table2.json').read_text())['rows']
   model = MDUNet(num_features=tiny.get_config().model.num_features // 2)
   assert row['row'] == 'mdunet' and row['framework'] == 'jax' and row['paper'] == [37.94, 0.975]

@@ -233,18 +233,39 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     line, = loss_axis.plot(steps, losses.mean(0), label=framework, lw=1)
     loss_axis.fill_between(steps, losses.min(0), losses.max(0), color=line.get_color(),
                            alpha=0.2)
-    eval_steps = sorted(mine[0]['evals'], key=int)
-    psnr = np.array([[r['evals'][s]['eval_psnr'] for s in eval_steps] for r in mine])
-    at = [int(s) for s in eval_steps]
-    psnr_axis.plot(at, psnr.mean(0), marker='o', label=framework, color=line.get_color())
-    psnr_axis.fill_between(at, psnr.min(0), psnr.max(0), color=line.get_color(), alpha=0.2)
+    _plot_test_psnr(psnr_axis, mine, framework, line.get_color())
   loss_axis.set(xlabel='step', ylabel='training loss', yscale='log')
-  psnr_axis.set(xlabel='step', ylabel='test PSNR (dB, reference convention)')
   for axis in (loss_axis, psnr_axis):
     axis.grid(alpha=0.3)
     axis.legend()
   figure.suptitle(f'mean over seeds, band: min-max ({len({r["seed"] for r in runs})} seeds)')
   figure.savefig(path, dpi=100, bbox_inches='tight')
+
+
+def _plot_test_psnr(axis: Any, runs: list[dict[str, Any]], label: str, color: Any = None
+                    ) -> None:
+  """Test PSNR against step of `runs` (one network, one framework): mean, min-max band."""
+  eval_steps = sorted(runs[0]['evals'], key=int)
+  psnr = np.array([[r['evals'][s]['eval_psnr'] for s in eval_steps] for r in runs])
+  at = [int(s) for s in eval_steps]
+  line, = axis.plot(at, psnr.mean(0), marker='o', label=label, color=color)
+  axis.fill_between(at, psnr.min(0), psnr.max(0), color=line.get_color(), alpha=0.2)
+  axis.set(xlabel='step', ylabel='test PSNR (dB, reference convention)')
+
+
+def plot_table2(reports: dict[str, dict[str, Any]], path: Path) -> None:
+  """Test PSNR against step of each Table 2 network (and framework): mean over seeds, min-max
+  band."""
+  figure = new_figure((8, 5))
+  axis = figure.subplots()
+  for row, report in reports.items():
+    for framework in sorted({r['framework'] for r in report['runs']}):
+      runs = [r for r in report['runs'] if r['framework'] == framework]
+      _plot_test_psnr(axis, runs, f'{TABLE2_ROWS[row]} ({framework}, {len(runs)} seeds)')
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=8)
+  figure.suptitle('Table 2 in miniature: mean over seeds, band: min-max')
+  figure.savefig(path, dpi=100, bbox_inches='tight', format='png')
 
 
 def plot_divergence(curves: dict[str, dict[str, Any]], path: Path) -> None:
@@ -318,7 +339,8 @@ def write_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 def write_table2(out: Path, reports: dict[str, dict[str, Any]], acceleration: int) -> str:
   """OUT/table2.md and table2.json: each Table 2 row's final test metrics (mean +- std over
-  seeds, per framework) beside the paper's; returns the Markdown."""
+  seeds, per framework) beside the paper's, and table2.png: their test PSNR against step;
+  returns the Markdown."""
   paper = {row: values.get(acceleration) for row, values in PAPER_TABLE2.items()}
   rows = []
   for row, report in reports.items():
@@ -345,5 +367,6 @@ def write_table2(out: Path, reports: dict[str, dict[str, Any]], acceleration: in
   write_together({
       out / 'table2.md': lambda tmp: tmp.write_text(text),
       out / 'table2.json': lambda tmp: tmp.write_text(json.dumps({'rows': rows}, indent=1)),
+      out / 'table2.png': lambda tmp: plot_table2(reports, tmp),
   }, overwrite=True)
   return text
