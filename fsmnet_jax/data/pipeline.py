@@ -169,7 +169,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
   root = Path(data.root)
-  if data.dataset in ('demo', 'brats', 'ixi', 'nifti_pairs'):
+  if data.dataset in _SOURCE_NAMES:  # the NIfTI data sets
     subjects, align_by_headers = volume_pairs(data)
     everyone = (ixi.subject_names(root, data.sites) if data.dataset == 'ixi'
                 else [s.name for s in subjects])
