@@ -1,50 +1,93 @@
-"""Throughput of the BraTS input pipeline (examples/s) on demo volumes in the BraTS format.
+"""Throughput of the input pipeline of every data set (examples/s), on demo files in each data
+set's own layout and at its usual size.
 
-Usage: python scripts/bench_data.py [--image-size 240] [--subjects 16] [--workers 0 2]
-The pipeline must outpace the training step: at 240 px a batch-4 step takes seconds on CPU.
+Usage: python scripts/bench_data.py [--datasets brats ixi ...] [--workers 0 2]
+  [--image-size N] (one size for all; default: each data set's own, below)
+The pipeline must outpace the training step it feeds: a batch-4 step of the paper-size model
+takes seconds on a CPU at 240 px (docs/benchmarks.md), a fraction of a second on a GPU.
 """
 
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from fsmnet_jax.configs import default
-from fsmnet_jax.data import pipeline
-from fsmnet_jax.data.demo import make_demo_data
+from fsmnet_jax.data import demo, pipeline
+
+# name: (config.data settings, paths relative to the demo root; the size users train at).
+DATASETS = {
+    'brats': ({'dataset': 'brats', 'root': 'brats'}, 240),
+    'ixi': ({'dataset': 'ixi', 'root': 'ixi'}, 256),  # PD guides T2: one grid
+    'ixi_t1': ({'dataset': 'ixi', 'root': 'ixi', 'reference_contrast': 'T1'}, 256),
+    'nifti_pairs': ({'dataset': 'nifti_pairs', 'root': 'brats', 'target_glob': '*_t2.nii.gz',
+                     'reference_glob': '*_t1.nii.gz'}, 240),
+    'fastmri': ({'dataset': 'fastmri', 'root': 'fastmri', 'train_pairs': 'fastmri/pairs.csv'},
+                320),
+    'fastmri_multicoil': ({'dataset': 'fastmri_multicoil', 'root': 'fastmri_multicoil',
+                           'train_pairs': 'fastmri_multicoil/pairs.csv'}, 320),
+    'm4raw': ({'dataset': 'm4raw', 'root': 'm4raw', 'target_contrast': 'T2',
+               'reference_contrast': 'T1'}, 256),
+}
+KNEE_COILS = 15  # fastMRI's multi-coil knee files: commonly 15
+VOLUMES = 4  # subjects or pairs per data set
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument('--image-size', type=int, default=240)
-  parser.add_argument('--slices', type=int, default=40)
-  parser.add_argument('--subjects', type=int, default=16)
-  parser.add_argument('--batch-size', type=int, default=4)
-  parser.add_argument('--batches', type=int, default=30)
-  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
-  args = parser.parse_args()
+def write_files(root: Path, dataset: str, size: int, slices: int) -> None:
+  """The demo files `dataset` reads, VOLUMES of them, at `size`."""
+  rng = np.random.default_rng(0)
+  if dataset in ('brats', 'nifti_pairs'):
+    demo.write_brats(root / 'brats', VOLUMES, size, slices, rng)
+  elif dataset in ('ixi', 'ixi_t1'):
+    demo.write_ixi(root / 'ixi', VOLUMES, size, slices, rng)
+  elif dataset == 'fastmri':
+    demo.write_fastmri(root / 'fastmri', VOLUMES, size, slices, rng)
+  elif dataset == 'fastmri_multicoil':
+    demo.write_fastmri_multicoil(root / 'fastmri_multicoil', VOLUMES, size, slices, rng,
+                                 coils=KNEE_COILS)
+  else:
+    demo.write_m4raw(root / 'm4raw', VOLUMES + 1, size, slices, rng)  # VOLUMES train
 
-  with tempfile.TemporaryDirectory() as root, tempfile.TemporaryDirectory() as cache:
-    make_demo_data(root, num_subjects=args.subjects, num_knee_pairs=1,
-                   image_size=args.image_size, num_slices=args.slices)
+
+def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
+  with tempfile.TemporaryDirectory() as folder:
+    root = Path(folder)
+    write_files(root / 'data', dataset, size, args.slices)
     config = default.get_config()
-    config.data.dataset, config.data.root, config.data.cache_dir = 'demo', root, cache
-    config.data.image_size = args.image_size
-    config.data.test_fraction = 0.01
+    settings, _ = DATASETS[dataset]
+    config.data.update({key: str(root / 'data' / value) if key in ('root', 'train_pairs')
+                        else value for key, value in settings.items()})
+    config.data.update(image_size=size, test_fraction=0.01, cache_dir=str(root / 'cache'))
     for workers in args.workers:
       config.data.worker_count = workers
       iterator = iter(pipeline.make_loader(config, 'train', args.batch_size))
-      next(iterator)  # warm-up: worker start, volume loading
-      times = []
+      next(iterator)  # warm-up: worker start, volume decoding into the cache
+      # The whole stretch, not a median of single batches: workers prefetch, and a median
+      # would time taking ready batches out of their buffer.
+      start = time.perf_counter()
       for _ in range(args.batches):
-        start = time.perf_counter()
         next(iterator)
-        times.append(time.perf_counter() - start)
-      per_batch = float(np.median(times))
-      print(f'{args.image_size} px, batch {args.batch_size}, {workers} workers: '
-            f'{args.batch_size / per_batch:,.0f} examples/s '
-            f'(median {per_batch * 1e3:.1f} ms per batch over {args.batches})')
+      per_batch = (time.perf_counter() - start) / args.batches
+      print(f'| {dataset} | {size} | {workers} | {args.batch_size / per_batch:,.0f} | '
+            f'{per_batch * 1e3:.1f} |', flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument('--datasets', nargs='+', choices=list(DATASETS), default=list(DATASETS))
+  parser.add_argument('--image-size', type=int, default=0, help='0: each data set its own')
+  parser.add_argument('--slices', type=int, default=16, help='per volume')
+  parser.add_argument('--batch-size', type=int, default=4)
+  parser.add_argument('--batches', type=int, default=60)
+  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+  args = parser.parse_args()
+  print(f'batch {args.batch_size}, {args.batches} batches after one warm-up batch\n')
+  print('| data set | px | workers | examples/s | ms per batch |\n|---|---|---|---|---|')
+  for dataset in args.datasets:
+    measure(dataset, args.image_size or DATASETS[dataset][1], args)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
-"""Multi-coil k-space (M4Raw, fastMRI multi-coil knee): files in their layout, made here from a
-known image and known coil sensitivities, read into pairs, combined by root-sum-of-squares,
-undersampled with one mask for every coil."""
+"""Multi-coil k-space (M4Raw, fastMRI multi-coil knee): files in their layout, written by the
+demo's writer from a known image and known coil sensitivities, read into pairs, combined by
+root-sum-of-squares, undersampled with one mask for every coil."""
 
 import h5py
 import numpy as np
@@ -9,48 +9,13 @@ import pytest
 from fsmnet_jax import evaluate, metrics, reconstruct
 from fsmnet_jax.configs import default
 from fsmnet_jax.data import DataError, fastmri, kspace, m4raw, pipeline
-from fsmnet_jax.data.demo import ISMRMRD_HEADER
+from fsmnet_jax.data.demo import COILS, coil_sensitivities, write_multicoil_h5
 from fsmnet_jax.data.phantoms import head_phantom
-
-COILS = 4
-
-
-def sensitivities(shape, coils=COILS):
-  """Smooth complex coil sensitivities, normalised to unit root-sum-of-squares."""
-  rows, cols = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing='ij')
-  maps = []
-  for c in range(coils):
-    angle = 2 * np.pi * c / coils
-    center = 0.8 * np.array([np.cos(angle), np.sin(angle)])
-    magnitude = np.exp(-((rows - center[0]) ** 2 + (cols - center[1]) ** 2))
-    maps.append(magnitude * np.exp(1j * (angle + 0.5 * rows)))
-  maps = np.array(maps)
-  return maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0))
-
-
-def write_multicoil(path, images, rows_per_image_row=1):
-  """A fastMRI-style multi-coil h5 file of `images` (slices, H, W); `rows_per_image_row` = 2
-  oversamples the readout (rows) as fastMRI's knee files do."""
-  slices, height, width = images.shape
-  padded = np.zeros((slices, height * rows_per_image_row, width), images.dtype)
-  start = (padded.shape[1] - height) // 2
-  padded[:, start:start + height] = images
-  coil_images = padded[:, None] * sensitivities(padded.shape[1:])[None]
-  volume_kspace = kspace.fft2c(coil_images).astype(np.complex64)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with h5py.File(path, 'w') as f:
-    f.create_dataset('kspace', data=volume_kspace)
-    f.create_dataset('reconstruction_rss', data=images.astype(np.float32))
-    f.create_dataset('ismrmrd_header', data=ISMRMRD_HEADER.format(
-        kx=padded.shape[1], ky=width, rx=height, ry=width, ky_max=width - 1,
-        ky_center=width // 2).encode())
-    f.attrs['acquisition'] = 'AXT2'
-  return volume_kspace
 
 
 def test_root_sum_of_squares_of_the_coils_is_the_image():
   image = head_phantom((3, 48, 48), np.random.default_rng(0))['t2'][1]
-  coil_kspace = kspace.fft2c(image[None] * sensitivities(image.shape))
+  coil_kspace = kspace.fft2c(image[None] * coil_sensitivities(image.shape))
   np.testing.assert_allclose(kspace.zero_filled(coil_kspace, coils=True), image, atol=1e-5)
   mask = np.zeros((48, 48))
   mask[:, ::3] = 1
@@ -76,7 +41,7 @@ def m4raw_root(tmp_path_factory):
         for k in range(1, repetitions + 1):
           noisy = anatomy[contrast.lower() if contrast != 'FLAIR' else 'pd'] \
               + 0.02 * rng.normal(size=(6, 32, 32))
-          write_multicoil(root / folder / f'{subject}_{contrast}{k:02d}.h5', noisy)
+          write_multicoil_h5(root / folder / f'{subject}_{contrast}{k:02d}.h5', noisy)
   return root
 
 
@@ -99,8 +64,8 @@ def test_m4raw_settings_and_files_that_cannot_be_used_are_named(m4raw_root, tmp_
   with pytest.raises(DataError, match='multicoil_train: no such folder; config.data.root is'):
     m4raw.find_pairs(tmp_path, 'train')
   folder = tmp_path / 'multicoil_val'
-  write_multicoil(folder / '2022101101_T201.h5', np.ones((4, 32, 32)))
-  write_multicoil(folder / '2022101101_T101.h5', np.ones((4, 32, 40)))
+  write_multicoil_h5(folder / '2022101101_T201.h5', np.ones((4, 32, 32)))
+  write_multicoil_h5(folder / '2022101101_T101.h5', np.ones((4, 32, 40)))
   with pytest.raises(DataError, match=r"subject 2022101101's files differ in shape \(slices, "
                                       r"coils, rows, cols\): 2022101101_T201.h5 \(4, 4, 32, 32\)"):
     m4raw.find_pairs(tmp_path, 'test')
@@ -150,8 +115,8 @@ def test_the_pipeline_undersamples_every_coil_with_one_mask(m4raw_root):
 def test_fastmri_multicoil_knee_pairs_crop_the_oversampled_readout(tmp_path):
   rng = np.random.default_rng(2)
   anatomy = head_phantom((3, 32, 32), rng)
-  write_multicoil(tmp_path / 'file1000001.h5', anatomy['pd'], rows_per_image_row=2)
-  write_multicoil(tmp_path / 'file1000002.h5', anatomy['pdfs'], rows_per_image_row=2)
+  write_multicoil_h5(tmp_path / 'file1000001.h5', anatomy['pd'], readout_oversampling=2)
+  write_multicoil_h5(tmp_path / 'file1000002.h5', anatomy['pdfs'], readout_oversampling=2)
   (tmp_path / 'pairs.csv').write_text('file1000001,file1000002,0.3\n')
   config = _config(dataset='fastmri_multicoil', root=str(tmp_path),
                    train_pairs=str(tmp_path / 'pairs.csv'), test_pairs=str(tmp_path / 'pairs.csv'))
@@ -169,8 +134,8 @@ def test_fastmri_multicoil_knee_pairs_crop_the_oversampled_readout(tmp_path):
 
 def test_reconstruct_multicoil_kspace_gives_the_coils_combined_image(tmp_path):
   anatomy = head_phantom((3, 32, 32), np.random.default_rng(3))
-  values = write_multicoil(tmp_path / 't2.h5', anatomy['t2'])
-  write_multicoil(tmp_path / 't1.h5', anatomy['t1'])
+  values = write_multicoil_h5(tmp_path / 't2.h5', anatomy['t2'])
+  write_multicoil_h5(tmp_path / 't1.h5', anatomy['t1'])
   data = _config().data
   zero_filled_in = lambda under, aux: under  # the network's input comes back out
   result = reconstruct.reconstruct_kspace(zero_filled_in, data, tmp_path / 't2.h5',

@@ -2,6 +2,8 @@
 
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grain.python as grain
@@ -11,6 +13,8 @@ import pytest
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.data import DataError, brats, masks, pipeline, transforms, volumes
 from fsmnet_jax.data.demo import make_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -194,3 +198,13 @@ def test_brats_source_pickles_without_its_open_files(config):
   clone = pickle.loads(pickle.dumps(source))
   assert len(pickle.dumps(source)) < 100_000  # no memory-mapped volumes inside
   np.testing.assert_array_equal(clone[0]['target'], first['target'])
+
+
+def test_the_data_benchmark_measures_every_data_set():
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'scripts/bench_data.py'), '--image-size', '32', '--slices', '4',
+       '--batches', '2', '--workers', '0'], capture_output=True, text=True, check=True, cwd=REPO)
+  rows = [line.split('|')[1:-1] for line in result.stdout.splitlines()
+          if line.startswith('| ') and not line.startswith('| data set')]
+  assert {row[0].strip() for row in rows} == set(pipeline.DATASETS) - {'demo'} | {'ixi_t1'}
+  assert all(float(row[3].replace(',', '')) > 0 for row in rows)

@@ -36,12 +36,13 @@ def ifft2c_jnp(kspace: jnp.ndarray) -> jnp.ndarray:
                           axes=SPATIAL_AXES)
 
 
-def zero_filled(kspace: np.ndarray, mask: np.ndarray | None = None, size: int | None = None,
+def zero_filled(kspace: np.ndarray, mask: np.ndarray | None = None,
+                size: int | tuple[int, int] | None = None,
                 coils: bool = False) -> np.ndarray:
   """|IFFT(mask * kspace)|: the zero-filled image of the measured samples (the fully-sampled
-  image without `mask`), centre-cropped (or padded) to size x size if given. Masks act on the
-  measured, uncropped grid. With `coils`, axis -3 of `kspace` holds the receive coils, all
-  masked alike, and their images are combined by root-sum-of-squares."""
+  image without `mask`), centre-cropped (or padded) to size x size (or to (rows, cols)) if
+  given. Masks act on the measured, uncropped grid. With `coils`, axis -3 of `kspace` holds the
+  receive coils, all masked alike, and their images are combined by root-sum-of-squares."""
   sampled = kspace if mask is None else kspace * mask
   image = np.abs(ifft2c(sampled))
   if coils:
