@@ -62,6 +62,17 @@ def test_unknown_config_key_is_one_line(command, tmp_path):
   assert not (tmp_path / 'unused_workdir').exists()
 
 
+def test_a_data_setting_the_data_set_does_not_read_is_one_line(tmp_path):
+  done = _run('fsmnet-train', '--config', str(ROOT / 'configs' / 'brats_4x.py'),
+              '--config.data.sites=HH', '--config.data.train_pairs=train.csv', cwd=tmp_path)
+  assert done.returncode == 2
+  assert _error_lines(done.stderr) == [
+      "fsmnet-train: error: config.data.dataset='brats' does not read "
+      "config.data.sites='HH' (read by ixi); config.data.train_pairs='train.csv' (read by "
+      "fastmri, fastmri_multicoil): remove the setting or choose the data set"]
+  assert not (tmp_path / 'unused_workdir').exists()
+
+
 # --- fsmnet-reconstruct: each case writes one bad input and names the argument(s) it goes to. ---
 
 

@@ -25,8 +25,8 @@ import ml_collections
 
 from fsmnet_jax import train as train_lib
 from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.cli.common import (CONFIG_DIR, RUN_FAULTS, load_config_file, override_config,
-                                   run_reporting_errors)
+from fsmnet_jax.cli.common import (CONFIG_DIR, RUN_FAULTS, check_data_settings,
+                                   load_config_file, override_config, run_reporting_errors)
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.model import build_model
@@ -172,7 +172,9 @@ def _settings(args: argparse.Namespace, config: ml_collections.ConfigDict,
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
-  """DataError unless both splits of `config`'s data can be read: before any run starts."""
+  """DataError unless both splits of `config`'s data can be read (and ValueError for settings
+  the data set does not read): before any run starts."""
+  check_data_settings(config)
   for split in ('train', 'test'):
     pipeline.make_source(config, split)
 

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from fsmnet_jax import configs, inference
 from fsmnet_jax.checkpoint import CheckpointError
-from fsmnet_jax.data import DataError
+from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.model import FSMNet, build_model
 from fsmnet_jax.orbax_logs import hide_orbax_logs
 
@@ -129,6 +129,16 @@ def load_config_file(path: Path) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def check_data_settings(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the config.data settings changed from configs/default.py that the
+  configured data set does not read (a `sites` filter on BraTS would silently do nothing)."""
+  unread = pipeline.unread_settings(config.data,
+                                    load_config_file(CONFIG_DIR / 'default.py').data)
+  if unread:
+    raise ValueError(f'config.data.dataset={config.data.dataset!r} does not read '
+                     f'{"; ".join(unread)}: remove the setting or choose the data set')
 
 
 def override_config(config: ml_collections.ConfigDict, arguments: list[str]

@@ -17,7 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from fsmnet_jax import train
-from fsmnet_jax.cli.common import run_absl_app, run_reporting_errors
+from fsmnet_jax.cli.common import check_data_settings, run_absl_app, run_reporting_errors
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
+  check_data_settings(FLAGS.config)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -28,6 +28,18 @@ MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the
 # before IXI keep resuming.
 _SOURCE_NAMES = {'demo': 'BratsSlices', 'brats': 'BratsSlices', 'ixi': 'IxiSlices',
                  'nifti_pairs': 'NiftiPairSlices'}
+NIFTI = tuple(_SOURCE_NAMES)
+KSPACE_PAIRS = ('fastmri', 'fastmri_multicoil')  # pairs listed in CSV files
+# config.data settings that only some data sets read: set for another, they would do nothing.
+SETTING_READERS = {
+    **dict.fromkeys(('split_file', 'test_fraction', 'percentile', 'min_foreground',
+                     'skip_bad_subjects'), NIFTI),
+    **dict.fromkeys(('target_contrast', 'reference_contrast'), ('ixi', 'm4raw')),
+    'sites': ('ixi',),
+    'repetition': ('m4raw',),
+    **dict.fromkeys(('target_glob', 'reference_glob'), ('nifti_pairs',)),
+    **dict.fromkeys(('train_pairs', 'test_pairs'), KSPACE_PAIRS),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +181,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
   root = Path(data.root)
-  if data.dataset in _SOURCE_NAMES:  # the NIfTI data sets
+  if data.dataset in NIFTI:
     subjects, align_by_headers = volume_pairs(data)
     everyone = (ixi.subject_names(root, data.sites) if data.dataset == 'ixi'
                 else [s.name for s in subjects])
@@ -179,7 +191,7 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
     return VolumeSlices(chosen, data.image_size, data.percentile, data.min_foreground,
                         align_by_headers, data.skip_bad_subjects, data.cache_dir or None,
                         _SOURCE_NAMES[data.dataset])
-  if data.dataset in ('fastmri', 'fastmri_multicoil'):
+  if data.dataset in KSPACE_PAIRS:
     csv_file = data.get(f'{split}_pairs') or ''
     if not csv_file:
       raise DataError(f'config.data.{split}_pairs: name the CSV of PD/PDFS pairs for {split}')
@@ -192,6 +204,15 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
                         data.image_size, True, 'M4RawSlices')
   raise DataError(f'config.data.dataset: unknown data set {data.dataset!r}; '
                   f'use one of {", ".join(DATASETS)}')
+
+
+def unread_settings(data: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+                    ) -> list[str]:
+  """The settings of `data` (config.data) changed from `defaults` that `data.dataset` does not
+  read, each as 'config.data.KEY=VALUE (read by ...)'."""
+  return [f'config.data.{key}={data[key]!r} (read by {", ".join(readers)})'
+          for key, readers in SETTING_READERS.items()
+          if data.dataset not in readers and data[key] != defaults[key]]
 
 
 def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePair], bool]:
