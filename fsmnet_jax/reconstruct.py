@@ -78,16 +78,17 @@ def check_same_grid(t1_path: Path, t1: nib.Nifti1Image, t2_path: Path, t2: nib.N
                     ) -> None:
   """DataError unless T1 and T2 share one voxel grid (shape, orientation and affine)."""
   where = f'{t1_path} and {t2_path}'
+  or_align = ' (or align it by the headers: --align-by-headers)'
   if t1.shape[:3] != t2.shape[:3]:
     raise DataError(f'{where}: T1 and T2 differ in size ({t1.shape[:3]} vs {t2.shape[:3]}); '
-                    f'resample T1 onto the T2 grid first')
+                    f'resample T1 onto the T2 grid first{or_align}')
   t1_axes, t2_axes = nib.aff2axcodes(t1.affine), nib.aff2axcodes(t2.affine)
   if t1_axes != t2_axes:
     raise DataError(f'{where}: T1 and T2 differ in orientation ({"".join(t1_axes)} vs '
-                    f'{"".join(t2_axes)}); reorient T1 to match T2 first')
+                    f'{"".join(t2_axes)}); reorient T1 to match T2 first{or_align}')
   if not np.allclose(t1.affine, t2.affine, atol=volumes.GRID_TOLERANCE_MM):
     raise DataError(f'{where}: T1 and T2 differ in voxel-to-world affine (same size and '
-                    f'orientation, other spacing or origin); register T1 to T2 first')
+                    f'orientation, other spacing or origin); register T1 to T2 first{or_align}')
 
 
 def simulate(reconstructor: Reconstructor, t2: np.ndarray, t1: np.ndarray, mask: np.ndarray,
@@ -106,15 +107,20 @@ def simulate(reconstructor: Reconstructor, t2: np.ndarray, t1: np.ndarray, mask:
 def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigDict,
                       t1_path: Path, t2_path: Path, out: Path, acceleration: int | None,
                       seed: int, with_data_consistency: bool = False,
-                      overwrite: bool = False) -> Reconstruction:
+                      overwrite: bool = False, align_by_headers: bool = False
+                      ) -> Reconstruction:
   """T1-guided reconstruction of `t2_path` undersampled at `acceleration`, written to `out`
-  (NIfTI) on the T2 file's grid, with its affine and header."""
+  (NIfTI) on the T2 file's grid, with its affine and header. A T1 on another voxel grid is
+  refused, or with `align_by_headers` resampled onto the T2 grid through the two affines (as
+  IXI's T1 for training; T2 slices beyond the T1's reach get an empty reference)."""
   if not out.name.endswith(NIFTI_SUFFIXES):
     raise DataError(f'{out}: a NIfTI input gives a NIfTI output; name it .nii or .nii.gz')
   refuse_existing([out, mask_path(out)], overwrite)
   t1_file, t2_file = _load_nifti(t1_path), _load_nifti(t2_path)
-  check_same_grid(t1_path, t1_file, t2_path, t2_file)
-  t1_raw, t2_raw = volumes.load_axial_slices(t1_path), volumes.load_axial_slices(t2_path)
+  if not align_by_headers:
+    check_same_grid(t1_path, t1_file, t2_path, t2_file)
+  t1_raw, t2_raw = volumes.load_pair(volumes.VolumePair(t2_path.name, t2_path, t1_path),
+                                     align_by_headers)
   size, percentile = data.image_size, data.percentile
   scale = volumes.intensity_scale(t2_raw, percentile, t2_path)
   t1 = transforms.fit_to_size(volumes.robust_scale(t1_raw, percentile, t1_path), size)

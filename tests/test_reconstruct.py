@@ -17,6 +17,7 @@ from fsmnet_jax.cli import reconstruct as reconstruct_cli
 from fsmnet_jax.data import DataError, kspace, volumes
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.data.masks import sampling_mask
+from fsmnet_jax.data.phantoms import head_phantom
 from fsmnet_jax.inference import Reconstructor
 from fsmnet_jax.model import FSMNet, init_variables
 
@@ -151,6 +152,29 @@ def test_nifti_input_errors(tmp_path, data_config):
   reconstruct.reconstruct_nifti(_reference_as_output, data_config, t2, t2, existing, 4, 0,
                                 overwrite=True)
   assert nib.load(str(existing)).shape == (16, 16, 4)
+
+
+def test_a_t1_on_another_grid_is_aligned_by_the_headers_when_asked(tmp_path, data_config):
+  root = make_demo_data(tmp_path / 'data', seed=0, num_subjects=0, num_knee_pairs=0,
+                        image_size=32, num_slices=8, num_ixi_subjects=1, num_multicoil_pairs=0,
+                        num_m4raw_subjects=0)
+  t1, t2 = (root / 'ixi' / f'IXI-{c}' / f'IXI002-Guys-0828-{c}.nii.gz' for c in ('T1', 'T2'))
+  out = tmp_path / 'recon.nii.gz'
+  with pytest.raises(DataError, match=r'T1 and T2 differ in size .* first \(or align it by the '
+                                      r'headers: --align-by-headers\)'):
+    reconstruct.reconstruct_nifti(_reference_as_output, data_config, t1, t2, out, 4, 0)
+  assert not out.exists()
+  reconstruct.reconstruct_nifti(_reference_as_output, data_config, t1, t2, out, 4, 0,
+                                align_by_headers=True)
+  written, source = nib.load(str(out)), nib.load(str(t2))
+  assert written.shape == source.shape == (32, 32, 8)
+  np.testing.assert_array_equal(written.affine, source.affine)
+  # The output is the T1 on the T2 grid: where the subject's T1 anatomy is (the IXI layout's
+  # first draw). Measured over seeds 0-2: 0.84-0.85; one pixel off 0.12-0.20.
+  truth = head_phantom((8, 32, 32), np.random.default_rng((0, 1)))['t1']
+  output = volumes.load_axial_slices(out)
+  inside = truth > 0.05
+  assert np.corrcoef(output[inside], truth[inside])[0, 1] > 0.8
 
 
 @pytest.fixture(scope='module')

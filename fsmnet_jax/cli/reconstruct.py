@@ -20,6 +20,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     raise ValueError('give either --t1 and --t2 (NIfTI) or --kspace and --reference (h5)')
   if (args.t1 is not None) == from_kspace or (args.reference is not None) != from_kspace:
     raise ValueError('--t2 goes with --t1, --kspace with --reference')
+  if args.align_by_headers and from_kspace:
+    raise ValueError('--align-by-headers aligns a NIfTI --t1 to --t2; k-space pairs are slices '
+                     'of one session')
   inference.enable_compilation_cache()
   config, params, model = load_model(args.checkpoint, args.config,
                                      'fastmri_4x' if from_kspace else 'default')
@@ -31,7 +34,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
                                             args.reference, **settings)
   else:
     result = reconstruct.reconstruct_nifti(reconstructor, config.data, args.t1, args.t2,
-                                           **settings)
+                                           align_by_headers=args.align_by_headers, **settings)
   print(f'wrote {args.out} ({len(result.image)} slices of {result.image.shape[1]}x'
         f'{result.image.shape[2]}, {result.mask.size / result.mask.sum():.2f}x sampling) and '
         f'{reconstruct.mask_path(args.out)}')
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                       help='target k-space, fastMRI-format .h5, single- or multi-coil')
   parser.add_argument('--reference', type=Path,
                       help='fully-sampled reference contrast k-space, fastMRI-format .h5')
+  parser.add_argument('--align-by-headers', action='store_true',
+                      help='a --t1 on another voxel grid than --t2 (IXI\'s T1) is resampled onto '
+                           "the T2 grid through the two files' affines (not a registration); "
+                           'default: refused')
   parser.add_argument('--acceleration', type=int,
                       help='undersampling factor to simulate (default: the config\'s; '
                            'k-space files with measured lines ignore it)')
