@@ -68,7 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.on_nonfinite = 'stop'  # a NaN/inf loss or gradient: 'stop', or 'skip' the update
   config.train.max_consecutive_skips = 10  # 'skip' still stops after this many in a row
   config.train.shard_optimizer_state = False  # FSDP-style: Adam moments split over `data`
-  config.train.log_every = 100
+  config.train.log_every = 100  # also the stretch over which speed_* (images/s, MFU) is measured
+  # MFU's denominator, TFLOP/s per device; 0: looked up by device kind (fsmnet_jax/throughput.py)
+  config.train.peak_tflops = 0.0
+  # Several processes agree on a SIGTERM/SIGINT (finish the step, save, exit) every this many
+  # steps: one allgather there, none on the steps between. One process checks every step.
+  config.train.signal_check_every = 10
+  config.train.profile_steps = ()  # (first, last): a jax.profiler trace of them in WORKDIR/profile
   config.train.checkpoint_every = 5_000
   config.train.keep_checkpoints = 3  # the latest ones, plus the best by eval PSNR
 

@@ -92,11 +92,12 @@ class ProgressBar:
   WIDTH = 24
 
   def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO = sys.stderr,
-               enabled: bool | None = None, unit: str = 'step'):
+               enabled: bool | None = None, unit: str = 'step', images_per_step: int = 0):
     if enabled is None:
       enabled = stream.isatty() and not os.environ.get('CI')
     self._enabled, self._stream = enabled, stream
     self._total, self._start, self._unit = total_steps, start_step, unit
+    self._images_per_step = images_per_step
     self._started_at = time.monotonic()
 
   def update(self, step: int, loss: float | None = None) -> None:
@@ -110,8 +111,10 @@ class ProgressBar:
     bar = '#' * filled + '.' * (self.WIDTH - filled)
     loss_text = f'  loss {loss:.4f}' if loss is not None else ''
     eta_text = _duration(eta) if math.isfinite(eta) else '-'
+    images_text = (f'  {rate * self._images_per_step:.1f} images/s' if self._images_per_step
+                   else '')
     self._stream.write(f'\r[{bar}] {self._unit} {step}/{self._total}{loss_text}  '
-                       f'{rate:.2f} {self._unit}s/s  ETA {eta_text} ')
+                       f'{rate:.2f} {self._unit}s/s{images_text}  ETA {eta_text} ')
     self._stream.flush()
 
   def close(self) -> None:

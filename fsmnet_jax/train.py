@@ -13,6 +13,7 @@ import logging
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from fsmnet_jax.files import write_atomically
 from fsmnet_jax.model import (MODEL_NAMES, abstract_params, build_model, init_variables,
                               size_multiple)
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
+from fsmnet_jax.throughput import Throughput, compiled_flops, peak_flops
 
 # 'float64' (parameters too; needs JAX_ENABLE_X64=1) is for parity with the reference.
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
@@ -39,6 +41,7 @@ SCHEDULE_DECAY = {'reference': 0.5, 'paper': 0.1, 'constant': 1.0}
 NONFINITE_POLICIES = ('stop', 'skip')
 TRAIN_KEYS = ('target_under', 'aux', 'target')
 BEST_METRIC = 'eval_psnr'
+PROFILE_DIR = 'profile'
 
 
 class ConfigError(ValueError):
@@ -106,10 +109,17 @@ def check_settings(config: ml_collections.ConfigDict, data_size: int = 1, proces
   if not 0 <= train.ema_decay < 1:
     problems.append(f'config.train.ema_decay={train.ema_decay} must be in [0, 1)')
   for key in ('train.num_steps', 'train.log_every', 'train.checkpoint_every', 'eval.every',
-              'train.keep_checkpoints', 'train.max_consecutive_skips'):
+              'train.keep_checkpoints', 'train.max_consecutive_skips',
+              'train.signal_check_every'):
     section, name = key.split('.')
     if config[section][name] < 1:
       problems.append(f'config.{key}={config[section][name]} must be at least 1')
+  profile = tuple(train.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    problems.append(f'config.train.profile_steps={profile}: (first, last) steps, 1 <= first <= '
+                    'last, or () for none')
+  if train.peak_tflops < 0:
+    problems.append(f'config.train.peak_tflops={train.peak_tflops} must be at least 0')
   if problems:
     raise ConfigError('; '.join(problems))
 
@@ -333,10 +343,14 @@ class _StopRequest:
     del frame
     self.signal_name = signal.Signals(signum).name
 
-  def requested(self) -> bool:
-    """True on every process once any process was signalled."""
+  def requested(self, step: int, check_every: int) -> bool:
+    """True once this process was signalled; with several processes, on every process at the
+    first step divisible by `check_every` after any was (an allgather, a blocking collective,
+    paid there only: processes at one step always agree)."""
     stop = self.signal_name is not None
     if jax.process_count() > 1:
+      if step % check_every:
+        return False
       from jax.experimental import multihost_utils
       stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
     return stop
@@ -344,6 +358,30 @@ class _StopRequest:
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class _Profile:
+  """A `jax.profiler` trace of the steps `steps` = (first, last) (empty: none) in
+  WORKDIR/profile, which TensorBoard's profile plugin opens."""
+
+  def __init__(self, steps: tuple[int, ...], workdir: Path):
+    self._steps, self._directory, self._tracing = tuple(steps), workdir / PROFILE_DIR, False
+
+  def before(self, step: int) -> None:
+    if self._steps and step == self._steps[0]:
+      jax.profiler.start_trace(str(self._directory))
+      self._tracing = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self._tracing and step == self._steps[1]:
+      jax.block_until_ready(state)  # the trace holds the traced steps' device work
+      self.close()
+
+  def close(self) -> None:
+    if self._tracing:
+      jax.profiler.stop_trace()
+      self._tracing = False
+      logging.info('profile of steps %d-%d written to %s', *self._steps, self._directory)
 
 
 def _check_writable(workdir: Path) -> None:
@@ -400,25 +438,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jit_train_step(config, mesh, state)
 
   writer = MetricWriter(workdir, enabled=is_chief)
-  progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False)
+  progress = ProgressBar(config.train.num_steps, start_step, enabled=None if is_chief else False,
+                         images_per_step=config.train.batch_size)
   stop = _StopRequest()
   guard = _NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips,
                           train_source, checkpoints.directory)
-  eval_metrics, last_loss = {}, None
+  profile = _Profile(config.train.profile_steps, workdir)
+  eval_metrics, last_loss, compiled, throughput = {}, None, None, None
   try:
     for step in range(start_step + 1, config.train.num_steps + 1):
+      profile.before(step)
+      started = time.perf_counter()
       local = next(train_batches)
       batch = mesh_lib.global_batch({k: local[k] for k in TRAIN_KEYS}, batch_sharding)
-      state, step_metrics = step_fn(state, batch)
+      input_seconds = time.perf_counter() - started
+      if compiled is None:  # compiled ahead of the first call, for its FLOP count
+        compiled = step_fn.lower(state, batch).compile()
+        throughput = Throughput(config.train.batch_size, compiled_flops(compiled),
+                                peak_flops(mesh.devices.flat[0], config.train.peak_tflops))
+      throughput.took_input(input_seconds)
+      state, step_metrics = compiled(state, batch)
+      throughput.stepped()
       guard.watch(step, step_metrics.pop('finite'), local)
       last_step = step == config.train.num_steps
-      stopping = stop.requested()
+      stopping = stop.requested(step, config.train.signal_check_every)
       evaluating = step % config.eval.every == 0 or last_step
       save = step % config.train.checkpoint_every == 0 or evaluating or stopping
       if step % config.train.log_every == 0 or save:
         guard.flush()
         scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
         last_loss = scalars['train_loss']
+        scalars.update({f'speed_{k}': v for k, v in throughput.rates().items()})
         writer.write(step, scalars)
         logging.info('step %d: %s', step,
                      ', '.join(f'{k} {v:.5g}' for k, v in sorted(scalars.items())))
@@ -432,11 +482,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      ', '.join(f'{k} {v:.5g}' for k, v in sorted(eval_metrics.items())))
       if save:
         checkpoints.save(step, state, train_batches, metrics=step_eval)
+      profile.after(step, state)
+      if step % config.train.log_every == 0 or save:
+        throughput.restart()  # the next rates are of training alone
       if stopping:
         logging.warning('%s received: saved step %d to %s; exiting', stop.signal_name, step,
                         checkpoints.directory)
         break
   finally:
+    profile.close()
     stop.restore()
     progress.close()
     checkpoints.close()

@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 
 from tensorboardX.proto import event_pb2
 
@@ -41,13 +42,17 @@ def test_metric_writer_of_other_processes_writes_nothing(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_progress_bar_shows_step_loss_rate_and_eta():
+def test_progress_bar_shows_step_loss_rate_and_eta(monkeypatch):
+  clock = iter([100.0, 102.0])  # 10 steps in 2 s
+  monkeypatch.setattr(time, 'monotonic', lambda: next(clock))
   stream = io.StringIO()
-  bar = ProgressBar(total_steps=100, start_step=10, stream=stream, enabled=True)
+  bar = ProgressBar(total_steps=100, start_step=10, stream=stream, enabled=True,
+                    images_per_step=4)
   bar.update(20, 0.123456)
   bar.close()
   line = stream.getvalue()
-  assert 'step 20/100' in line and 'loss 0.1235' in line and 'steps/s' in line and 'ETA' in line
+  assert 'step 20/100' in line and 'loss 0.1235' in line and 'ETA 0:16' in line
+  assert '5.00 steps/s  20.0 images/s' in line
 
 
 def test_progress_bar_is_quiet_when_not_a_terminal(monkeypatch):

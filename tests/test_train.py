@@ -43,7 +43,8 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache, one_dev
   shutil.copytree(one_device_run, tmp_path, dirs_exist_ok=True)
   train_run(tmp_path, data_root, compile_cache, '--config.train.num_steps=120',
             '--config.train.checkpoint_every=1000', '--config.eval.every=40',
-            '--config.train.keep_checkpoints=1', full_model=True)
+            '--config.train.keep_checkpoints=1', '--config.train.peak_tflops=0.01',
+            '--config.train.profile_steps=(50,51)', full_model=True)
   losses = logged_losses(tmp_path)
   first = np.mean([losses[s] for s in range(1, 11)])
   last = np.mean([losses[s] for s in range(111, 121)])
@@ -60,6 +61,17 @@ def test_loss_goes_down_on_demo_data(tmp_path, data_root, compile_cache, one_dev
   assert eval_lines[-1]['eval_psnr'] > eval_lines[-1]['eval_zero_filled_psnr'] + 0.3
   best = max(eval_lines, key=lambda m: m['eval_psnr'])['step']
   assert set(saved_steps(tmp_path)) == {120, best}  # the latest (keep_checkpoints=1), the best
+  # Speed at every logged step: images/s and step time agree with the batch of 8; the FLOPs
+  # behind the MFU are the compiled step's, one number for the whole run.
+  speeds = [m for m in map(json.loads, (tmp_path / 'metrics.jsonl').read_text().splitlines())
+            if 'train_loss' in m and m['step'] > 3]
+  assert len(speeds) == 117
+  for m in speeds:
+    assert m['speed_images_per_s'] * m['speed_step_seconds'] == pytest.approx(8)
+    assert 0 <= m['speed_input_seconds'] < m['speed_step_seconds']
+  flops = [m['speed_mfu'] * 0.01e12 * m['speed_step_seconds'] for m in speeds]
+  assert min(flops) > 0 and max(flops) == pytest.approx(min(flops), rel=1e-9)
+  assert list((tmp_path / 'profile').glob('plugins/profile/*/*.xplane.pb'))  # steps 50-51
   # What fsmnet-eval / fsmnet-reconstruct read from a workdir: the latest step's parameters.
   params, _ = inference.load_params(tmp_path, FSMNet(**tiny.get_config().model))
   assert_bitwise_equal(params, saved_state(tmp_path, 120)['params'])
