@@ -104,6 +104,9 @@ def test_the_ixi_t1_aligns_onto_its_t2_through_the_headers(tmp_path):
 
 
 _LAYOUT_CONFIGS = {
+    'brats': {'dataset': 'brats', 'root': 'brats'},
+    'fastmri': {'dataset': 'fastmri', 'root': 'fastmri', 'train_pairs': 'fastmri/pairs.csv',
+                'test_pairs': 'fastmri/pairs.csv'},
     'ixi, PD guides T2': {'dataset': 'ixi', 'root': 'ixi'},
     'ixi, T1 guides T2': {'dataset': 'ixi', 'root': 'ixi', 'reference_contrast': 'T1'},
     'm4raw': {'dataset': 'm4raw', 'root': 'm4raw', 'target_contrast': 'T2',

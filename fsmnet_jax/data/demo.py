@@ -92,13 +92,22 @@ def _write_knee_h5(path: Path, images: np.ndarray, crop: int, acquisition: str) 
   write_atomically(path, write)
 
 
+def _knee_slab(num_slices: int, image_size: int, rng: np.random.Generator
+               ) -> dict[str, np.ndarray]:
+  """Phantom volumes with anatomy in every slice, as a knee scan's slab has: the phantom's first
+  and last slices barely touch its head, and an empty, noiseless slice scores an infinite
+  PSNR."""
+  volumes = head_phantom((num_slices + 2, image_size, image_size), rng)
+  return {contrast: volume[1:-1] for contrast, volume in volumes.items()}
+
+
 def write_fastmri(root: Path, num_pairs: int, image_size: int, num_slices: int,
                   rng: np.random.Generator) -> Path:
   """Single-coil knee-format files (PD and PDFS of one anatomy per pair) and pairs.csv."""
   root.mkdir(parents=True, exist_ok=False)
   rows = []
   for i in range(num_pairs):
-    volumes = head_phantom((num_slices, image_size, image_size), rng)
+    volumes = _knee_slab(num_slices, image_size, rng)
     names = (f'file_demo{2 * i:04d}', f'file_demo{2 * i + 1:04d}')
     for name, contrast, acquisition in zip(names, ('pd', 'pdfs'), ('CORPD_FBK', 'CORPDFS_FBK')):
       _write_knee_h5(root / f'{name}.h5', volumes[contrast], image_size, acquisition)
@@ -208,12 +217,10 @@ def write_fastmri_multicoil(root: Path, num_pairs: int, image_size: int, num_sli
   root.mkdir(parents=True, exist_ok=False)
   rows = []
   for i in range(num_pairs):
-    # The phantom's first and last slices only touch the head: a knee scan's slab has anatomy
-    # (and noise) in every slice, and an empty, noiseless slice would score an infinite PSNR.
-    anatomy = head_phantom((num_slices + 2, image_size, image_size), rng)
+    anatomy = _knee_slab(num_slices, image_size, rng)
     names = (f'file_demo_mc{2 * i:04d}', f'file_demo_mc{2 * i + 1:04d}')
     for name, contrast, acquisition in zip(names, ('pd', 'pdfs'), ('CORPD_FBK', 'CORPDFS_FBK')):
-      write_multicoil_h5(root / f'{name}.h5', anatomy[contrast][1:-1], acquisition,
+      write_multicoil_h5(root / f'{name}.h5', anatomy[contrast], acquisition,
                          readout_oversampling=KNEE_READOUT_OVERSAMPLING, coils=coils)
     rows.append((*names, f'{rng.uniform(0.2, 0.4):.6f}'))
   pairs = root / 'pairs.csv'
