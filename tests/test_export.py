@@ -1,12 +1,16 @@
-"""fsmnet-export: the serialized inference function reloads and computes what the model does."""
+"""fsmnet-export: the serialized inference function reloads and computes what the model does;
+it and the train step lower for GPUs and TPUs from this CPU."""
 
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsmnet_jax import export
+from fsmnet_jax import export, mesh as mesh_lib, train
+from fsmnet_jax.configs import tiny
+from fsmnet_jax.model import build_model
 from fsmnet_jax.cli import export as export_cli
 from fsmnet_jax.checkpoint import save_variables
 from fsmnet_jax.inference import Reconstructor
@@ -34,24 +38,43 @@ def test_round_trip_gives_the_models_output(tmp_path, tiny_model_and_params):
     reloaded.call(under[:, :16, :16], aux[:, :16, :16])
 
 
-def test_fixed_batch_and_several_platforms(tiny_model_and_params):
+def test_fixed_batch_and_every_platform(tiny_model_and_params):
   model, params = tiny_model_and_params
-  exported = export.export_inference(model, params, 32, batch_size=4, platforms=('cpu', 'cuda'))
-  assert exported.platforms == ('cpu', 'cuda')
+  exported = export.export_inference(model, params, 32, batch_size=4,
+                                     platforms=('cpu', 'cuda', 'tpu'))
+  assert exported.platforms == ('cpu', 'cuda', 'tpu')
   assert [a.shape for a in exported.in_avals] == [(4, 32, 32)] * 2
   with pytest.raises(ValueError, match='multiple of 8'):
     export.export_inference(model, params, 30)
 
 
-def test_cli_writes_the_artifact_and_refuses_to_overwrite_it(tmp_path, capsys, tiny_model_and_params):
+def test_the_train_step_lowers_for_gpus_and_tpus():
+  """What fsmnet-train jits, lowered for CUDA and TPU (no device needed): an op either has no
+  lowering for fails here. XLA:GPU's and XLA:TPU's compilation is not checked this way."""
+  config = tiny.get_config()
+  mesh = train.make_mesh(config)
+  state = train.abstract_train_state(config, build_model(config), mesh)
+  size = (config.train.batch_size, config.data.image_size, config.data.image_size, 1)
+  batch = {key: jax.ShapeDtypeStruct(size, jnp.float32, sharding=mesh_lib.rows(mesh))
+           for key in train.TRAIN_KEYS}
+  step = jax.jit(train.make_train_step(config, platform=None), donate_argnums=0)
+  exported = jax.export.export(step, platforms=('cuda', 'tpu'))(state, batch)
+  assert exported.platforms == ('cuda', 'tpu')
+  assert [a.shape for a in exported.in_avals[-3:]] == [size] * 3
+  assert 'stablehlo.fft' in exported.mlir_module()  # the Fourier branch, as an XLA op
+
+
+def test_cli_writes_the_artifact_and_refuses_to_overwrite_it(tmp_path, capsys,
+                                                            tiny_model_and_params):
   model, params = tiny_model_and_params
   checkpoint = save_variables({'params': params}, tmp_path / 'weights')
   out = tmp_path / 'fsmnet.jaxexport'
   arguments = ['--checkpoint', str(checkpoint), '--config', str(REPO / 'configs/tiny.py'),
-               '--out', str(out)]
+               '--out', str(out), '--platforms', 'cpu,cuda,tpu']
   assert export_cli.main(arguments) == 0
   assert 'wrote' in capsys.readouterr().out
   assert _load(out).in_avals[0].shape[1:] == (32, 32)
+  assert _load(out).platforms == ('cpu', 'cuda', 'tpu')
   before = out.read_bytes()
   assert export_cli.main(arguments) == 2
   assert 'already exists' in capsys.readouterr().err and out.read_bytes() == before
