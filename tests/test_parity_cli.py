@@ -239,6 +239,9 @@ def test_runs_recorded_before_a_config_key_existed_still_count(tmp_path):
   (tmp_path / 'parity.json').write_text(json.dumps(older))
   claim = parity_cli._claim  # pylint: disable=protected-access
   claim(tmp_path, settings)
+  # What each run's worker process reads: the recorded config, completed.
+  recorded = parity_cli._recorded_settings(tmp_path)  # pylint: disable=protected-access
+  assert recorded['config'] == config.to_dict()
   config.data.repetition = 2
   with pytest.raises(ValueError, match=r'holds runs of other settings \(config.data.repetition '
                                        r'2 here, 0 there\)'):

@@ -189,13 +189,19 @@ def _with_defaults(recorded: dict, defaults: dict) -> dict:
   return merged
 
 
+def _recorded_settings(out: Path) -> dict:
+  """The settings recorded in `out`, their config completed with today's defaults."""
+  recorded = json.loads((out / SETTINGS_FILE).read_text())
+  defaults = load_config_file(CONFIG_DIR / 'default.py').to_dict()
+  recorded['config'] = _with_defaults(recorded.get('config') or {}, defaults)
+  return recorded
+
+
 def _claim(out: Path, settings: dict) -> None:
   """Records `settings` in `out`, or refuses an `out` that holds runs of other settings."""
   path = out / SETTINGS_FILE
   if path.exists():
-    recorded = json.loads(path.read_text())
-    defaults = load_config_file(CONFIG_DIR / 'default.py').to_dict()
-    recorded['config'] = _with_defaults(recorded.get('config') or {}, defaults)
+    recorded = _recorded_settings(out)
     differences = _differences({k: settings[k] for k in SAME_RUNS},
                                {k: recorded.get(k) for k in SAME_RUNS})
     if differences:
@@ -299,7 +305,7 @@ def ablation(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-  settings = json.loads((args.out / SETTINGS_FILE).read_text())
+  settings = _recorded_settings(args.out)
   float64 = settings['dtype'] == 'float64'
   if float64:
     import jax  # pylint: disable=import-outside-toplevel
