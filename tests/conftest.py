@@ -67,7 +67,8 @@ def pytest_configure(config):
 SLOWEST_FILES = ('test_train.py', 'test_parity.py', 'test_train_resume.py', 'test_bench.py',
                  'test_model.py', 'test_inference.py', 'test_train_parity.py',
                  'test_parity_cli.py',
-                 'test_train_step.py', 'test_bad_input.py')
+                 'test_train_step.py', 'test_bad_input.py', 'test_export.py',
+                 'test_demo_data.py')
 
 
 def pytest_collection_modifyitems(items):

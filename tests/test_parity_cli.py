@@ -233,16 +233,17 @@ def test_runs_recorded_before_a_config_key_existed_still_count(tmp_path):
   """Such runs ran as the key's default does: a folder of them is claimed, unless the key is
   now set otherwise."""
   config = tiny.get_config()
-  settings = {'config': config.to_dict(), 'steps': 3, 'dtype': 'float32'}
-  older = json.loads(json.dumps(settings))
+  as_recorded = parity_cli._as_recorded  # pylint: disable=protected-access
+  settings = {'config': as_recorded(config.to_dict()), 'steps': 3, 'dtype': 'float32'}
+  older = as_recorded(settings)
   del older['config']['data']['repetition'], older['config']['model_name']
   (tmp_path / 'parity.json').write_text(json.dumps(older))
   claim = parity_cli._claim  # pylint: disable=protected-access
   claim(tmp_path, settings)
   # What each run's worker process reads: the recorded config, completed.
   recorded = parity_cli._recorded_settings(tmp_path)  # pylint: disable=protected-access
-  assert recorded['config'] == config.to_dict()
+  assert recorded['config'] == settings['config']
   config.data.repetition = 2
   with pytest.raises(ValueError, match=r'holds runs of other settings \(config.data.repetition '
                                        r'2 here, 0 there\)'):
-    claim(tmp_path, {**settings, 'config': config.to_dict()})
+    claim(tmp_path, {**settings, 'config': as_recorded(config.to_dict())})

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -167,7 +168,7 @@ def _settings(args: argparse.Namespace, config: ml_collections.ConfigDict,
   if steps < 1 or args.seeds < 1:
     raise ValueError('--steps and --seeds must be at least 1')
   return {'config_file': str(args.config), 'overrides': ' '.join(overrides),
-          'config': config.to_dict(), 'steps': steps,
+          'config': _as_recorded(config.to_dict()), 'steps': steps,
           'dtype': 'float64' if float64 else 'float32', 'machine': cpu_model()}
 
 
@@ -189,10 +190,16 @@ def _with_defaults(recorded: dict, defaults: dict) -> dict:
   return merged
 
 
+def _as_recorded(value: Any) -> Any:
+  """`value` as parity.json gives it back (tuples become lists), so that settings compare
+  equal to their record."""
+  return json.loads(json.dumps(value))
+
+
 def _recorded_settings(out: Path) -> dict:
   """The settings recorded in `out`, their config completed with today's defaults."""
   recorded = json.loads((out / SETTINGS_FILE).read_text())
-  defaults = load_config_file(CONFIG_DIR / 'default.py').to_dict()
+  defaults = _as_recorded(load_config_file(CONFIG_DIR / 'default.py').to_dict())
   recorded['config'] = _with_defaults(recorded.get('config') or {}, defaults)
   return recorded
 
