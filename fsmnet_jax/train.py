@@ -468,10 +468,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         guard.flush()
         scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
         last_loss = scalars['train_loss']
-        scalars.update({f'speed_{k}': v for k, v in throughput.rates().items()})
-        writer.write(step, scalars)
-        logging.info('step %d: %s', step,
-                     ', '.join(f'{k} {v:.5g}' for k, v in sorted(scalars.items())))
+        speed = {f'speed_{k}': v for k, v in throughput.rates().items()}
+        writer.write(step, {**scalars, **speed})
+        logging.info('step %d: %s', step, ', '.join(  # the losses first, then the speed
+            f'{k} {v:.5g}' for k, v in [*sorted(scalars.items()), *sorted(speed.items())]))
       progress.update(step, last_loss)
       step_eval = None
       if evaluating:
