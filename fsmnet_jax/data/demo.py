@@ -14,6 +14,7 @@ PD fat-suppressed contrasts the template lacks (M4Raw's FLAIR: the fat-suppresse
 
 import csv
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import nibabel as nib
@@ -101,21 +102,32 @@ def _knee_slab(num_slices: int, image_size: int, rng: np.random.Generator
   return {contrast: volume[1:-1] for contrast, volume in volumes.items()}
 
 
-def write_fastmri(root: Path, num_pairs: int, image_size: int, num_slices: int,
-                  rng: np.random.Generator) -> Path:
-  """Single-coil knee-format files (PD and PDFS of one anatomy per pair) and pairs.csv."""
+def _write_knee_pairs(root: Path, num_pairs: int, image_size: int, num_slices: int,
+                      rng: np.random.Generator, prefix: str,
+                      write_file: Callable[[Path, np.ndarray, str], Any]) -> Path:
+  """`num_pairs` PD/PDFS pairs (one anatomy each) written by `write_file(path, volume,
+  acquisition)` as root/<prefix>NNNN.h5, and pairs.csv as the reference's: PD file, PDFS file,
+  a score."""
   root.mkdir(parents=True, exist_ok=False)
   rows = []
   for i in range(num_pairs):
     volumes = _knee_slab(num_slices, image_size, rng)
-    names = (f'file_demo{2 * i:04d}', f'file_demo{2 * i + 1:04d}')
+    names = (f'{prefix}{2 * i:04d}', f'{prefix}{2 * i + 1:04d}')
     for name, contrast, acquisition in zip(names, ('pd', 'pdfs'), ('CORPD_FBK', 'CORPDFS_FBK')):
-      _write_knee_h5(root / f'{name}.h5', volumes[contrast], image_size, acquisition)
+      write_file(root / f'{name}.h5', volumes[contrast], acquisition)
     rows.append((*names, f'{rng.uniform(0.2, 0.4):.6f}'))
   pairs = root / 'pairs.csv'
   with open(pairs, 'w', newline='') as f:
-    csv.writer(f).writerows(rows)  # PD file, PDFS file, a score: the reference's CSV layout
+    csv.writer(f).writerows(rows)
   return pairs
+
+
+def write_fastmri(root: Path, num_pairs: int, image_size: int, num_slices: int,
+                  rng: np.random.Generator) -> Path:
+  """Single-coil knee-format files (PD and PDFS of one anatomy per pair) and pairs.csv."""
+  return _write_knee_pairs(
+      root, num_pairs, image_size, num_slices, rng, 'file_demo',
+      lambda path, volume, acquisition: _write_knee_h5(path, volume, image_size, acquisition))
 
 
 def _grid_affine(axes_mm: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -214,19 +226,11 @@ def write_multicoil_h5(path: Path, images: np.ndarray, acquisition: str = 'AXT2'
 def write_fastmri_multicoil(root: Path, num_pairs: int, image_size: int, num_slices: int,
                             rng: np.random.Generator, coils: int = COILS) -> Path:
   """Multi-coil knee-format files (PD and PDFS of one anatomy per pair) and pairs.csv."""
-  root.mkdir(parents=True, exist_ok=False)
-  rows = []
-  for i in range(num_pairs):
-    anatomy = _knee_slab(num_slices, image_size, rng)
-    names = (f'file_demo_mc{2 * i:04d}', f'file_demo_mc{2 * i + 1:04d}')
-    for name, contrast, acquisition in zip(names, ('pd', 'pdfs'), ('CORPD_FBK', 'CORPDFS_FBK')):
-      write_multicoil_h5(root / f'{name}.h5', anatomy[contrast], acquisition,
-                         readout_oversampling=KNEE_READOUT_OVERSAMPLING, coils=coils)
-    rows.append((*names, f'{rng.uniform(0.2, 0.4):.6f}'))
-  pairs = root / 'pairs.csv'
-  with open(pairs, 'w', newline='') as f:
-    csv.writer(f).writerows(rows)
-  return pairs
+  return _write_knee_pairs(
+      root, num_pairs, image_size, num_slices, rng, 'file_demo_mc',
+      lambda path, volume, acquisition: write_multicoil_h5(
+          path, volume, acquisition, readout_oversampling=KNEE_READOUT_OVERSAMPLING,
+          coils=coils))
 
 
 def write_m4raw(root: Path, num_subjects: int, image_size: int, num_slices: int,
