@@ -34,14 +34,19 @@ def peak_flops(device: jax.Device, configured_tflops: float = 0.0) -> float | No
   return tflops * 1e12 if tflops else None
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+def compiled_flops(compiled: jax.stages.Compiled, loop_trips: int = 1) -> float | None:
   """FLOPs of one call of `compiled` on one device, from XLA's cost analysis (None where the
-  backend gives none)."""
+  backend gives none).
+
+  XLA counts a loop's body once. For a program whose work is a loop of `loop_trips` iterations
+  (the train step's gradient accumulation over micro-batches) the count is scaled by them; the
+  work outside the loop (the optimizer's) is then over-counted as much, small against the
+  network's."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
+  return float(flops) * loop_trips if flops and flops > 0 else None
 
 
 class Throughput:

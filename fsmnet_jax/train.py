@@ -454,7 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       input_seconds = time.perf_counter() - started
       if compiled is None:  # compiled ahead of the first call, for its FLOP count
         compiled = step_fn.lower(state, batch).compile()
-        throughput = Throughput(config.train.batch_size, compiled_flops(compiled),
+        flops = compiled_flops(compiled, loop_trips=config.train.grad_accum_steps)
+        throughput = Throughput(config.train.batch_size, flops,
                                 peak_flops(mesh.devices.flat[0], config.train.peak_tflops))
       throughput.took_input(input_seconds)
       state, step_metrics = compiled(state, batch)

@@ -108,8 +108,10 @@ def _console_script(name: str) -> str:
 
 
 @functools.cache
+@functools.cache
 def _help(command: str) -> str:
-  """The --help text of `command` ('fsmnet-x' or 'fsmnet-x subcommand')."""
+  """The --help text of `command` ('fsmnet-x' or 'fsmnet-x subcommand'), run once per test
+  worker."""
   name, *subcommand = command.split()
   done = subprocess.run([_console_script(name), *subcommand, '--help'], capture_output=True,
                         text=True, timeout=120, check=False, cwd=ROOT)

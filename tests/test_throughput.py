@@ -15,6 +15,18 @@ def test_flops_come_from_the_compiled_program():
   assert throughput.compiled_flops(compiled) == 2 * 8 * 16 * 4  # multiply-adds, twice
 
 
+def test_a_loops_flops_are_its_body_times_its_trips():
+  """XLA counts a loop's body once (why the train step's FLOPs under gradient accumulation are
+  scaled by the micro-batches, in fsmnet-train's MFU and in fsmnet-bench)."""
+  a, b = jnp.ones((4, 8, 16)), jnp.ones((16, 16))
+  loop = lambda a, b: jax.lax.scan(lambda carry, x: (carry + x @ b, None), a[0] * 0, a)[0]
+  compiled = jax.jit(loop).lower(a, b).compile()
+  body = 2 * 8 * 16 * 16
+  assert body <= throughput.compiled_flops(compiled) < 2 * body  # the body, and its adds
+  assert throughput.compiled_flops(compiled, loop_trips=4) == 4 * throughput.compiled_flops(
+      compiled)
+
+
 def test_peak_flops_from_the_config_else_the_device_kind():
   cpu = jax.devices('cpu')[0]
   assert throughput.peak_flops(cpu) is None  # a CPU has no entry: no MFU unless configured

@@ -84,6 +84,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
 
   from fsmnet_jax import conv, mesh as mesh_lib, train
   from fsmnet_jax.model import FSMNet
+  from fsmnet_jax.throughput import compiled_flops
   config = default.get_config()
   config.model.update(MODELS[spec.model])
   config.data.image_size = spec.size
@@ -98,11 +99,8 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   start = time.perf_counter()
   if spec.task == 'train':
     state = train.create_train_state(config, model, mesh, params)
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     batch = {'target_under': under, 'aux': aux, 'target': target}
-    step = train.make_train_step(config, mesh_lib.platform(mesh))
-    compiled = jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, None),
-                       donate_argnums=0).lower(state, batch).compile()
+    compiled = train.jit_train_step(config, mesh, state).lower(state, batch).compile()
 
     def run():
       nonlocal state
@@ -117,11 +115,8 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     compiled = jax.jit(apply).lower(variables, under, aux).compile()
     run = lambda: jax.block_until_ready(compiled(variables, under, aux))
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   seconds = _timed(run, spec.warmup, spec.repeats)
-  # XLA's cost analysis counts a loop body once; the accumulation scan runs it per micro-batch.
-  flops = float(cost.get('flops', 0.0)) * (spec.micro_batches if spec.task == 'train' else 1)
+  flops = compiled_flops(compiled, spec.micro_batches if spec.task == 'train' else 1) or 0.0
   result = {'seconds': seconds, 'compile_s': compile_s, 'device_count': jax.device_count(),
             'flops_per_image': flops / spec.batch}
   device = jax.devices()[0]
