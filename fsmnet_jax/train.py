@@ -465,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = stop.requested(step, config.train.signal_check_every)
       evaluating = step % config.eval.every == 0 or last_step
       save = step % config.train.checkpoint_every == 0 or evaluating or stopping
-      if step % config.train.log_every == 0 or save:
+      logging_step = step % config.train.log_every == 0 or save
+      if logging_step:
         guard.flush()
         scalars = {f'train_{k}': float(v) for k, v in jax.device_get(step_metrics).items()}
         last_loss = scalars['train_loss']
@@ -484,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save:
         checkpoints.save(step, state, train_batches, metrics=step_eval)
       profile.after(step, state)
-      if step % config.train.log_every == 0 or save:
+      if logging_step:
         throughput.restart()  # the next rates are of training alone
       if stopping:
         logging.warning('%s received: saved step %d to %s; exiting', stop.signal_name, step,

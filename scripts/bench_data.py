@@ -17,20 +17,9 @@ import numpy as np
 from fsmnet_jax.configs import default
 from fsmnet_jax.data import demo, pipeline
 
-# name: (config.data settings, paths relative to the demo root; the size users train at).
-DATASETS = {
-    'brats': ({'dataset': 'brats', 'root': 'brats'}, 240),
-    'ixi': ({'dataset': 'ixi', 'root': 'ixi'}, 256),  # PD guides T2: one grid
-    'ixi_t1': ({'dataset': 'ixi', 'root': 'ixi', 'reference_contrast': 'T1'}, 256),
-    'nifti_pairs': ({'dataset': 'nifti_pairs', 'root': 'brats', 'target_glob': '*_t2.nii.gz',
-                     'reference_glob': '*_t1.nii.gz'}, 240),
-    'fastmri': ({'dataset': 'fastmri', 'root': 'fastmri', 'train_pairs': 'fastmri/pairs.csv'},
-                320),
-    'fastmri_multicoil': ({'dataset': 'fastmri_multicoil', 'root': 'fastmri_multicoil',
-                           'train_pairs': 'fastmri_multicoil/pairs.csv'}, 320),
-    'm4raw': ({'dataset': 'm4raw', 'root': 'm4raw', 'target_contrast': 'T2',
-               'reference_contrast': 'T1'}, 256),
-}
+# Each data set at its usual size (the demo layouts' settings: demo.LAYOUT_SETTINGS).
+DATASETS = {'brats': 240, 'ixi': 256, 'ixi_t1': 256, 'nifti_pairs': 240, 'fastmri': 320,
+            'fastmri_multicoil': 320, 'm4raw': 256}
 KNEE_COILS = 15  # fastMRI's multi-coil knee files: commonly 15
 VOLUMES = 4  # subjects or pairs per data set
 
@@ -56,9 +45,7 @@ def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
     root = Path(folder)
     write_files(root / 'data', dataset, size, args.slices)
     config = default.get_config()
-    settings, _ = DATASETS[dataset]
-    config.data.update({key: str(root / 'data' / value) if key in ('root', 'train_pairs')
-                        else value for key, value in settings.items()})
+    config.data.update(demo.layout_settings(root / 'data', dataset))
     config.data.update(image_size=size, test_fraction=0.01, cache_dir=str(root / 'cache'))
     for workers in args.workers:
       config.data.worker_count = workers
@@ -87,7 +74,7 @@ def main() -> None:
   print(f'batch {args.batch_size}, {args.batches} batches after one warm-up batch\n')
   print('| data set | px | workers | examples/s | ms per batch |\n|---|---|---|---|---|')
   for dataset in args.datasets:
-    measure(dataset, args.image_size or DATASETS[dataset][1], args)
+    measure(dataset, args.image_size or DATASETS[dataset], args)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ from scipy import ndimage
 from fsmnet_jax import train
 from fsmnet_jax.cli.make_demo_data import main
 from fsmnet_jax.configs import tiny
-from fsmnet_jax.data import brain_template, brats, fastmri, ixi, kspace, m4raw, volumes
+from fsmnet_jax.data import brain_template, brats, demo, fastmri, ixi, kspace, m4raw, volumes
 from fsmnet_jax.data.demo import COILS, INT16_SCALE, M4RAW_REPETITIONS, make_demo_data
 from fsmnet_jax.data.phantoms import head_phantom
 from training_runs import SPATIAL_BRANCH
@@ -103,28 +103,11 @@ def test_the_ixi_t1_aligns_onto_its_t2_through_the_headers(tmp_path):
   assert _correlation_in_head(ndimage.shift(t1, (0, 0.5, 0), order=1), truth['t1']) < 0.7
 
 
-_LAYOUT_CONFIGS = {
-    'brats': {'dataset': 'brats', 'root': 'brats'},
-    'fastmri': {'dataset': 'fastmri', 'root': 'fastmri', 'train_pairs': 'fastmri/pairs.csv',
-                'test_pairs': 'fastmri/pairs.csv'},
-    'ixi, PD guides T2': {'dataset': 'ixi', 'root': 'ixi'},
-    'ixi, T1 guides T2': {'dataset': 'ixi', 'root': 'ixi', 'reference_contrast': 'T1'},
-    'm4raw': {'dataset': 'm4raw', 'root': 'm4raw', 'target_contrast': 'T2',
-              'reference_contrast': 'T1'},
-    'fastmri_multicoil': {'dataset': 'fastmri_multicoil', 'root': 'fastmri_multicoil',
-                          'train_pairs': 'fastmri_multicoil/pairs.csv',
-                          'test_pairs': 'fastmri_multicoil/pairs.csv'},
-    'nifti_pairs': {'dataset': 'nifti_pairs', 'root': 'brats', 'target_glob': '*_t2.nii.gz',
-                    'reference_glob': '*_t1.nii.gz'},
-}
-
-
-@pytest.mark.parametrize('layout', list(_LAYOUT_CONFIGS))
+@pytest.mark.parametrize('layout', list(demo.LAYOUT_SETTINGS))
 def test_each_layout_trains_from_its_files(layouts, layout, tmp_path):
   config = tiny.get_config()
   config.model.update(SPATIAL_BRANCH)  # the data path is under test, not the network
-  config.data.update({key: str(layouts / value) if key.endswith(('root', 'pairs')) else value
-                      for key, value in _LAYOUT_CONFIGS[layout].items()})
+  config.data.update(demo.layout_settings(layouts, layout))
   config.data.cache_dir = str(tmp_path / 'cache')
   config.train.update(num_steps=2, log_every=1, checkpoint_every=1000)
   config.eval.update(every=1000, batch_size=4)  # the whole test split: no slice left out

@@ -40,6 +40,22 @@ IXI_SITES = ('Guys', 'HH', 'IOP')
 IXI_FIELD_OF_VIEW_MM = 240
 COILS = 4
 KNEE_READOUT_OVERSAMPLING = 2  # fastMRI's knee k-space has twice the image's rows
+# The config.data settings that read each layout make_demo_data writes (paths relative to its
+# output folder; `layout_settings` makes them whole).
+LAYOUT_SETTINGS = {
+    'brats': {'dataset': 'brats', 'root': 'brats'},
+    'ixi': {'dataset': 'ixi', 'root': 'ixi'},  # PD guides T2: one grid
+    'ixi_t1': {'dataset': 'ixi', 'root': 'ixi', 'reference_contrast': 'T1'},  # through affines
+    'nifti_pairs': {'dataset': 'nifti_pairs', 'root': 'brats', 'target_glob': '*_t2.nii.gz',
+                    'reference_glob': '*_t1.nii.gz'},
+    'fastmri': {'dataset': 'fastmri', 'root': 'fastmri', 'train_pairs': 'fastmri/pairs.csv',
+                'test_pairs': 'fastmri/pairs.csv'},
+    'fastmri_multicoil': {'dataset': 'fastmri_multicoil', 'root': 'fastmri_multicoil',
+                          'train_pairs': 'fastmri_multicoil/pairs.csv',
+                          'test_pairs': 'fastmri_multicoil/pairs.csv'},
+    'm4raw': {'dataset': 'm4raw', 'root': 'm4raw', 'target_contrast': 'T2',
+              'reference_contrast': 'T1'},
+}
 M4RAW_REPETITIONS = {'T1': 3, 'T2': 3, 'FLAIR': 2}
 M4RAW_PHANTOM = {'T1': 't1', 'T2': 't2', 'FLAIR': 'pdfs'}  # FLAIR: CSF dark, as fat-suppressed PD
 M4RAW_NOISE = 0.02  # per repetition, in k-space (and so in each coil image: orthonormal FFT)
@@ -251,6 +267,13 @@ def write_m4raw(root: Path, num_subjects: int, image_size: int, num_slices: int,
                              anatomy[M4RAW_PHANTOM[contrast]], f'AX{contrast}',
                              M4RAW_NOISE, rng)
   return studies
+
+
+def layout_settings(out_dir: str | Path, layout: str) -> dict[str, str]:
+  """config.data settings that read `layout` (a LAYOUT_SETTINGS key) of make_demo_data's
+  output folder `out_dir`."""
+  return {key: str(Path(out_dir) / value) if key.endswith(('root', 'pairs')) else value
+          for key, value in LAYOUT_SETTINGS[layout].items()}
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, num_subjects: int = 8,
