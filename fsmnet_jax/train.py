@@ -271,12 +271,14 @@ def make_train_step(config: ml_collections.ConfigDict, platform: str | None) -> 
       schedule=learning_rate_schedule(config.train)))
 
 
-def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state: TrainState
-                   ) -> Callable:
+def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state: TrainState,
+                   platform: str | None = None) -> Callable:
   """The step fsmnet-train runs: `make_train_step` jitted for batches split over `mesh`'s
-  `data` axis and `state`'s shardings, the state donated."""
+  `data` axis and `state`'s shardings, the state donated. Its convolutions are those of
+  `platform` (default: the mesh's devices'): a GPU's, say, to study on host devices the
+  program a GPU would run."""
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  return jax.jit(make_train_step(config, mesh_lib.platform(mesh)),
+  return jax.jit(make_train_step(config, platform or mesh_lib.platform(mesh)),
                  in_shardings=(shardings, mesh_lib.rows(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 

@@ -3,7 +3,11 @@ step (read from the HLO of the step compiled for 8 host devices) and a single-de
 give the step time and efficiency on N devices at a stated link bandwidth.
 
 Usage: python scripts/scaling.py [--config configs/brats_4x.py] [--config.key=value ...]
-  --step-ms 40 [--step-ms 120 ...]
+  [--platform cuda|tpu|cpu] --step-ms 40 [--step-ms 120 ...]
+The step is compiled with the convolutions of --platform (default cuda; tpu takes the same
+ones): XLA:CPU's hand-written convolution gradients (fsmnet_jax/conv.py) reduce
+activation-sized tensors across devices, the native convolutions of GPUs and TPUs only the
+gradients.
 Model (a ring all-reduce, not overlapped with compute: a lower bound on efficiency):
   t(N) = t_1 + 2 (N - 1) / N * bytes / bandwidth,  efficiency = t_1 / t(N)
 with the per-device batch kept (weak scaling), t_1 the step time of one device.
@@ -46,14 +50,17 @@ def allreduce_bytes(hlo_text: str) -> int:
   return total
 
 
-def compiled_step_allreduce(config_file: Path, overrides: list[str]) -> tuple[int, int]:
-  """(bytes all-reduced per step, parameters) of the train step compiled for HOST_DEVICES."""
+def compiled_step_allreduce(config_file: Path, overrides: list[str], platform: str
+                            ) -> tuple[int, int]:
+  """(bytes all-reduced per step, parameters) of the train step compiled for HOST_DEVICES,
+  with the convolutions of `platform`."""
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                              + f' --xla_force_host_platform_device_count={HOST_DEVICES}')
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from fsmnet_jax import mesh as mesh_lib, train  # pylint: disable=import-outside-toplevel
-  from fsmnet_jax.cli.common import load_config_file, override_config  # pylint: disable=import-outside-toplevel
+  from fsmnet_jax.cli.common import (  # pylint: disable=import-outside-toplevel
+      load_config_file, override_config)
   from fsmnet_jax.model import build_model  # pylint: disable=import-outside-toplevel
   config = override_config(load_config_file(config_file), overrides)
   config.train.batch_size = HOST_DEVICES * max(1, config.train.batch_size // HOST_DEVICES)
@@ -62,7 +69,7 @@ def compiled_step_allreduce(config_file: Path, overrides: list[str]) -> tuple[in
   size = (config.train.batch_size, config.data.image_size, config.data.image_size, 1)
   batch = {key: jax.ShapeDtypeStruct(size, jnp.float32, sharding=mesh_lib.rows(mesh))
            for key in train.TRAIN_KEYS}
-  compiled = train.jit_train_step(config, mesh, state).lower(state, batch).compile()
+  compiled = train.jit_train_step(config, mesh, state, platform).lower(state, batch).compile()
   params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(state.params))
   return allreduce_bytes(compiled.as_text()), params
 
@@ -80,13 +87,15 @@ def main() -> None:
                                    formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--config', type=Path,
                       default=Path(__file__).resolve().parents[1] / 'configs/brats_4x.py')
+  parser.add_argument('--platform', choices=('cuda', 'rocm', 'tpu', 'cpu'), default='cuda',
+                      help="whose convolutions the step takes (default cuda)")
   parser.add_argument('--step-ms', type=float, action='append', required=True,
                       help='a single-device step time (ms) to project from; repeatable')
   args, overrides = parser.parse_known_args()
-  allreduce, params = compiled_step_allreduce(args.config, overrides)
-  print(f'{args.config.name}: {params:,} parameters; the compiled step all-reduces '
-        f'{allreduce / 1e6:.2f} MB per step ({allreduce / (4 * params):.3f} x the float32 '
-        f'parameters)\n')
+  allreduce, params = compiled_step_allreduce(args.config, overrides, args.platform)
+  print(f'{args.config.name}: {params:,} parameters; the step with {args.platform} '
+        f'convolutions all-reduces {allreduce / 1e6:.2f} MB per step '
+        f'({allreduce / (4 * params):.3f} x the float32 parameters)\n')
   header = ' | '.join(f'{n}' for n in DEVICE_COUNTS)
   print(f'| link (GB/s) | t_1 (ms) | {header} |\n|---|---|' + '---|' * len(DEVICE_COUNTS))
   for link, bandwidth in LINKS.items():
