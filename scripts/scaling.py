@@ -3,9 +3,9 @@ step (read from the HLO of the step compiled for 8 host devices) and a single-de
 give the step time and efficiency on N devices at a stated link bandwidth.
 
 Usage: python scripts/scaling.py [--config configs/brats_4x.py] [--config.key=value ...]
-  [--platform cuda|tpu|cpu] --step-ms 40 [--step-ms 120 ...]
-The step is compiled with the convolutions of --platform (default cuda; tpu takes the same
-ones): XLA:CPU's hand-written convolution gradients (fsmnet_jax/conv.py) reduce
+  [--platform cuda|rocm|tpu|cpu] --step-ms 40 [--step-ms 120 ...]
+The step is compiled with the convolutions of --platform (default cuda; rocm and tpu take the
+same ones): XLA:CPU's hand-written convolution gradients (fsmnet_jax/conv.py) reduce
 activation-sized tensors across devices, the native convolutions of GPUs and TPUs only the
 gradients.
 Model (a ring all-reduce, not overlapped with compute: a lower bound on efficiency):

@@ -108,7 +108,6 @@ def _console_script(name: str) -> str:
 
 
 @functools.cache
-@functools.cache
 def _help(command: str) -> str:
   """The --help text of `command` ('fsmnet-x' or 'fsmnet-x subcommand'), run once per test
   worker."""
