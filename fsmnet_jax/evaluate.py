@@ -291,7 +291,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   """Evaluates `params` on `split` and writes the report files into `out_dir`; returns
   metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
   out_dir = Path(out_dir)
-  if with_data_consistency and config.data.dataset in pipeline.MULTICOIL:
+  if with_data_consistency and pipeline.underlying_dataset(config.data) in pipeline.MULTICOIL:
     raise DataError(f'config.data.dataset={config.data.dataset!r}: multi-coil data; data '
                     'consistency would need the coils\' sensitivities, which are not estimated: '
                     'evaluate without --data_consistency')

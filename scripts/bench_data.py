@@ -1,5 +1,6 @@
 """Throughput of the input pipeline of every data set (examples/s), on demo files in each data
-set's own layout and at its usual size.
+set's own layout and at its usual size, read from the files and from prepared shards
+(fsmnet-prepare-data), with what each keeps on disk per slice.
 
 Usage: python scripts/bench_data.py [--datasets brats ixi ...] [--workers 0 2]
   [--image-size N] (one size for all; default: each data set's own, below)
@@ -36,8 +37,14 @@ def write_files(root: Path, dataset: str, size: int, slices: int) -> None:
   elif dataset == 'fastmri_multicoil':
     demo.write_fastmri_multicoil(root / 'fastmri_multicoil', VOLUMES, size, slices, rng,
                                  coils=KNEE_COILS)
-  else:
+  elif dataset == 'm4raw':
     demo.write_m4raw(root / 'm4raw', VOLUMES + 1, size, slices, rng)  # VOLUMES train
+  else:
+    raise ValueError(f'{dataset}: no demo files for it')
+
+
+def _megabytes(folder: Path) -> float:
+  return sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 2**20
 
 
 def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
@@ -47,18 +54,28 @@ def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
     config = default.get_config()
     config.data.update(demo.layout_settings(root / 'data', dataset))
     config.data.update(image_size=size, test_fraction=0.01, cache_dir=str(root / 'cache'))
-    for workers in args.workers:
-      config.data.worker_count = workers
-      iterator = iter(pipeline.make_loader(config, 'train', args.batch_size))
-      next(iterator)  # warm-up: worker start, volume decoding into the cache
-      # The whole stretch, not a median of single batches: workers prefetch, and a median
-      # would time taking ready batches out of their buffer.
-      start = time.perf_counter()
-      for _ in range(args.batches):
-        next(iterator)
-      per_batch = (time.perf_counter() - start) / args.batches
-      print(f'| {dataset} | {size} | {workers} | {args.batch_size / per_batch:,.0f} | '
-            f'{per_batch * 1e3:.1f} |', flush=True)
+    manifest = pipeline.prepare(config, root / 'shards')
+    slices = sum(table['slices'] for table in manifest['splits'].values())
+    prepared = config.copy_and_resolve_references()
+    prepared.data.update(dataset='prepared', root=str(root / 'shards'))
+    # The files are read on every host, and NIfTI volumes decoded into each host's cache; the
+    # shards are written once and read where they are.
+    kept = {'files': f'{_megabytes(root / "data") / slices:.2f} + '
+                     f'{_megabytes(root / "cache") / slices:.2f} cache',
+            'shards': f'{_megabytes(root / "shards") / slices:.2f}'}
+    for source, source_config in (('files', config), ('shards', prepared)):
+      for workers in args.workers:
+        source_config.data.worker_count = workers
+        iterator = iter(pipeline.make_loader(source_config, 'train', args.batch_size))
+        next(iterator)  # warm-up: worker start, volume decoding into the cache
+        # The whole stretch, not a median of single batches: workers prefetch, and a median
+        # would time taking ready batches out of their buffer.
+        start = time.perf_counter()
+        for _ in range(args.batches):
+          next(iterator)
+        per_batch = (time.perf_counter() - start) / args.batches
+        print(f'| {dataset} | {size} | {source} | {kept[source]} | {workers} | '
+              f'{args.batch_size / per_batch:,.0f} | {per_batch * 1e3:.1f} |', flush=True)
 
 
 def main() -> None:
@@ -72,7 +89,8 @@ def main() -> None:
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
   args = parser.parse_args()
   print(f'batch {args.batch_size}, {args.batches} batches after one warm-up batch\n')
-  print('| data set | px | workers | examples/s | ms per batch |\n|---|---|---|---|---|')
+  print('| data set | px | read from | MB per slice on disk | workers | examples/s | '
+        'ms per batch |\n|---|---|---|---|---|---|---|')
   for dataset in args.datasets:
     measure(dataset, args.image_size or DATASETS[dataset], args)
 

@@ -1,20 +1,23 @@
 """fsmnet-train's runs are one computation however they are stopped or spread: resume after a
 normal stop and after kill -9 (bitwise, optimizer state sharded over 8 devices), a full disk
 stopping the run with its last checkpoint intact, a checkpoint of another model refused with
-the workdir kept, and two processes of 4 devices each training as one process of 8. (1 vs 2
-devices on the whole model: test_train.py.)"""
+the workdir kept, two processes of 4 devices each training as one process of 8, and a run
+from prepared shards (fsmnet-prepare-data) training as the run from the files. (1 vs 2 devices
+on the whole model: test_train.py.)"""
 
+import json
 import random
 import resource
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from training_runs import (REPO, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
+from training_runs import (REPO, TINY, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
                            saved_state, assert_bitwise_equal, assert_same_training)
 
 
@@ -129,6 +132,23 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, 
   assert sorted((p.relative_to(workdir), p.stat().st_size) for p in workdir.rglob('*')) == before
 
 
+
+
+def test_a_run_from_prepared_shards_is_the_run_from_the_files(tmp_path, data_root,
+                                                              compile_cache, reference_run):
+  shards = tmp_path / 'shards'
+  subprocess.run([sys.executable, '-m', 'fsmnet_jax.cli.prepare_data', '--config',
+                  str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}', *TINY,
+                  f'--out={shards}'], check=True, capture_output=True, timeout=300)
+  workdir = tmp_path / 'run'
+  train_run(workdir, shards, compile_cache, '--config.data.dataset=prepared',
+            '--config.train.shard_optimizer_state=True', devices=8)
+  assert_bitwise_equal(saved_state(workdir), saved_state(reference_run))
+  logged = [(workdir / 'metrics.jsonl').read_text(), (reference_run / 'metrics.jsonl').read_text()]
+  losses, evaluations = ([{m['step']: m[key] for m in map(json.loads, text.splitlines())
+                           if key in m} for text in logged] for key in ('train_loss', 'eval_psnr'))
+  assert losses[0] == losses[1] and len(losses[0]) == 6
+  assert evaluations[0] == evaluations[1] and evaluations[0]
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 from absl import flags
 import grain.python as grain
@@ -19,10 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, masks, transforms,
-                             volumes)
+from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, masks, shards,
+                             transforms, volumes)
 
-DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw')
+DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw',
+            'prepared')
 MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the coils'
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
@@ -41,6 +43,8 @@ SETTING_READERS = {
     **dict.fromkeys(('target_glob', 'reference_glob'), ('nifti_pairs',)),
     **dict.fromkeys(('train_pairs', 'test_pairs'), KSPACE_PAIRS),
 }
+# Where the files are, not what they hold: a prepared copy is read with other paths or none.
+PATH_SETTINGS = ('split_file', 'train_pairs', 'test_pairs')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +154,77 @@ class KspaceSlices(grain.RandomAccessDataSource):
             f'size {self._size}{coils})')
 
 
+class PreparedSlices(grain.RandomAccessDataSource):
+  """The slices of one split that fsmnet-prepare-data wrote (`shards`), exactly as the source
+  they were prepared from gives them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str):
+    root = config.data.root
+    manifest = shards.read_manifest(root)
+    differences = shards.setting_differences(
+        manifest['settings'], example_settings(config, manifest['dataset']))
+    if differences:
+      raise DataError(f'{root}: prepared from {manifest["dataset"]} with other settings than '
+                      f'this run\'s: {"; ".join(differences)}. Run with those settings, or '
+                      'prepare the data again with these')
+    self.dataset = manifest['dataset']
+    self._shards = shards.ShardReader(root, split, manifest)
+    table = manifest['splits'][split]
+    self._records = [(v['volume'], index, v['subject'])
+                     for v in table['volumes'] for index in v['slices']]
+    self._description = f'PreparedSlices({root}, {split}: {table["description"]})'
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def record(self, i: int) -> SliceRecord:
+    return SliceRecord(i, *self._records[i])
+
+  def __getitem__(self, i: int) -> dict:
+    example = self._shards[i]
+    if 'kspace' not in example:  # a NIfTI data set's: the target's own, as VolumeSlices
+      example['kspace'] = kspace.fft2c(example['target'])
+    return {**example, 'record': self.record(i)}
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator's state
+    return self._description
+
+
+def example_settings(config: ml_collections.ConfigDict, dataset: str) -> dict:
+  """The settings that decide which slices `dataset` gives and their pixels (not the masks,
+  drawn as they are read), keyed as on the command line: a prepared copy records them."""
+  data = config.data
+  settings = {'data.dataset': dataset, 'data.image_size': data.image_size}
+  settings.update({f'data.{key}': data[key] for key, readers in SETTING_READERS.items()
+                   if dataset in readers and key not in PATH_SETTINGS})
+  if dataset in NIFTI and not data.split_file:
+    settings['seed'] = config.seed  # which subjects are test subjects
+  return settings
+
+
+def prepare(config: ml_collections.ConfigDict, out: str | Path,
+            shard_bytes: int = shards.SHARD_BYTES, overwrite: bool = False,
+            progress: Callable[[str, int, int], None] = lambda *_: None) -> dict:
+  """Writes both splits of the configured data set, as `make_source` gives them, into `out`
+  as prepared shards (`shards.write_prepared`); returns the manifest. `progress(split, done,
+  total)` is called after each slice."""
+  dataset = config.data.dataset
+  if dataset == 'prepared':
+    raise DataError(f'config.data.dataset=prepared: {config.data.root} is prepared already; '
+                    'name the data set it holds and its original files')
+  sources = {split: make_source(config, split) for split in shards.SPLITS}
+  return shards.write_prepared(out, sources, dataset, example_settings(config, dataset),
+                               {'seed': config.seed, 'data': config.data.to_dict()},
+                               with_kspace=dataset not in NIFTI, shard_bytes=shard_bytes,
+                               overwrite=overwrite, progress=progress)
+
+
+def underlying_dataset(data: ml_collections.ConfigDict) -> str:
+  """config.data.dataset, or for prepared data the data set it was prepared from."""
+  return (shards.read_manifest(data.root)['dataset'] if data.dataset == 'prepared'
+          else data.dataset)
+
+
 class Undersample(grain.RandomMapTransform):
   """Masks the target's k-space, and normalises the zero-filled image, target and auxiliary.
 
@@ -182,6 +257,8 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
   root = Path(data.root)
+  if data.dataset == 'prepared':
+    return PreparedSlices(config, split)
   if data.dataset in NIFTI:
     subjects, align_by_headers = volume_pairs(data)
     everyone = (ixi.subject_names(root, data.sites) if data.dataset == 'ixi'
@@ -211,9 +288,10 @@ def unread_settings(data: ml_collections.ConfigDict, defaults: ml_collections.Co
                     ) -> list[str]:
   """The settings of `data` (config.data) changed from `defaults` that `data.dataset` does not
   read, each as 'config.data.KEY=VALUE (read by ...)'."""
+  dataset = underlying_dataset(data)
   return [f'config.data.{key}={data[key]!r} (read by {", ".join(readers)})'
           for key, readers in SETTING_READERS.items()
-          if data.dataset not in readers and data[key] != defaults[key]]
+          if dataset not in readers and data[key] != defaults[key]]
 
 
 def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePair], bool]:

@@ -74,7 +74,6 @@ def _load_weights(path: str) -> dict:
 def _jax_worker(spec: Spec, weights: str) -> dict:
   """Compiles and times the JAX training step (as fsmnet-train's) or inference."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
   if spec.task == 'matmul':
     import jax.numpy as jnp
     size = MATMUL_SIZES['cpu' if jax.devices()[0].platform == 'cpu' else 'accelerator']
@@ -94,7 +93,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   model = FSMNet(**config.model)
   params = _load_weights(weights)
   mesh = train.make_mesh(config)
-  data = NamedSharding(mesh, P('data'))
+  data = mesh_lib.rows(mesh)
   under, aux, target = (jax.device_put(x, data) for x in _inputs(spec))
   start = time.perf_counter()
   if spec.task == 'train':
@@ -109,7 +108,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   else:
     # As the training step's mixed precision: parameters and inputs in the compute dtype.
     cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), tree)
-    variables = jax.device_put(cast({'params': params}), NamedSharding(mesh, P()))
+    variables = jax.device_put(cast({'params': params}), mesh_lib.replicated(mesh))
     under, aux = cast((under, aux))
     apply = conv.specialized_for(mesh_lib.platform(mesh), model.apply)
     compiled = jax.jit(apply).lower(variables, under, aux).compile()
