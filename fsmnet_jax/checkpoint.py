@@ -45,17 +45,20 @@ def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
   directory = Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint folder')
-  with _reading(directory, 'orbax checkpoint'), ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(directory.absolute())
+  with _reading(directory, 'orbax checkpoint'):
+    restored = _restore_as_numpy(directory.absolute())
   if not isinstance(restored, dict) or 'params' not in restored:
     raise CheckpointError(f'{directory}: holds no "params" tree')
-  return {'params': _to_numpy(restored['params'])}
+  return {'params': restored['params']}
 
 
-def _to_numpy(tree):
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v) for k, v in tree.items()}
-  return np.asarray(tree)
+def _restore_as_numpy(path: Path) -> Any:
+  """The tree saved in `path`, as numpy arrays whole on every process (whatever devices and
+  processes saved it: restored as saved, orbax refuses another topology)."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 class TrainCheckpoints:
@@ -212,10 +215,8 @@ def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   absl_logger = logging.getLogger('absl')
   absl_logger.addFilter(hide_missing_step_metadata)
   try:
-    with _reading(path.parent, 'training checkpoint'), ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.metadata(path).item_metadata.tree
-      args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    with _reading(path.parent, 'training checkpoint'):
+      state = _restore_as_numpy(path)
   finally:
     absl_logger.removeFilter(hide_missing_step_metadata)
   if not isinstance(state, dict) or 'params' not in state:

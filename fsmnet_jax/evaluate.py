@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
@@ -64,10 +63,11 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
 
 class SplitEvaluator:
   """Scores every slice of a split with one jitted `eval_step`, its batches split over the
-  `data` axis of `mesh`: training evaluates on the global mesh, fsmnet-eval on this machine's.
+  `data` axis of `mesh` (training and fsmnet-eval: all processes' devices).
 
-  Each process of the mesh reads its own share of the slices; all take part in every step
-  (a process out of slices pads with zero rows), and every process gets the scores of all rows.
+  Each process of the mesh reads its own share of the slices, whole volumes
+  (`pipeline.volume_ranges`); all take part in every step (a process out of slices pads with
+  zero rows), and every process gets the scores of all rows.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
@@ -75,19 +75,19 @@ class SplitEvaluator:
                with_images: bool = False, max_batches: int = 0):
     self.source = pipeline.make_source(config, split)
     mesh_processes = mesh_lib.processes(mesh)
-    processes = len(mesh_processes)
     data_size = mesh.shape['data']
     global_batch = math.ceil(config.eval.batch_size / data_size) * data_size
-    self.batch_size = global_batch // processes  # rows of this process in each step
+    self.batch_size = global_batch // len(mesh_processes)  # rows of this process in each step
     self._image_size = config.data.image_size
-    shard_options = (grain.ShardByJaxProcess() if processes > 1 else grain.NoSharding())
+    rank = mesh_processes.index(jax.process_index())
+    shares = pipeline.volume_ranges(self.source, len(mesh_processes))
     self._loader = pipeline.make_loader(config, split, self.batch_size, num_epochs=1,
-                                        shuffle=False, shard_options=shard_options,
-                                        source=self.source)
-    self._num_batches = math.ceil(math.ceil(len(self.source) / processes) / self.batch_size)
+                                        shuffle=False, source=self.source, records=shares[rank])
+    self.num_slices = len(shares[rank])  # of this process
+    self._num_batches = math.ceil(max(map(len, shares)) / self.batch_size)
     if max_batches:
       self._num_batches = min(self._num_batches, max_batches)
-    self._first_row = mesh_processes.index(jax.process_index()) * self.batch_size
+    self._first_row = rank * self.batch_size
     self._rows = mesh_lib.rows(mesh)
     step = conv.specialized_for(mesh_lib.platform(mesh), functools.partial(
         eval_step, apply_fn=apply_fn, with_data_consistency=with_data_consistency,
@@ -247,9 +247,10 @@ class SplitScores:
 
 def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, split: str,
                 with_data_consistency: bool, num_panels: int) -> SplitScores:
-  """Scores every slice of `split` (in record order, so volume by volume), sharded over this
-  machine's devices; keeps the images of `num_panels` evenly spaced slices."""
-  mesh = mesh_lib.make_mesh(jax.local_devices())
+  """Scores every slice of `split` (in record order, so volume by volume), sharded over the
+  devices of all processes; keeps the images of `num_panels` evenly spaced slices. Each process
+  scores its share of the volumes, and every process returns the scores of all."""
+  mesh = mesh_lib.make_mesh()
   evaluator = SplitEvaluator(config, mesh, model.apply, split,
                              with_data_consistency=with_data_consistency, with_images=True)
   source = evaluator.source
@@ -267,7 +268,7 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
                              'slices': len(volume['images']['target']),
                              **{f'{m}_{k}': v for m, s in by_method.items() for k, v in s.items()}})
 
-  progress = ProgressBar(len(source), unit='slice')
+  progress = ProgressBar(evaluator.num_slices, unit='slice')
   for key, slice_metrics, images in evaluator.slices(params):
     record = source.record(key)
     if record.subject != volume['subject']:
@@ -282,14 +283,17 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
     progress.update(len(scores.slices))
   finish_volume()
   progress.close()
-  return scores
+  shares = mesh_lib.gather_objects(scores)  # the processes' shares are in record order
+  return SplitScores(scores.methods, *([row for share in shares for row in getattr(share, name)]
+                                        for name in ('slices', 'volumes', 'panels')))
 
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
              out_dir: str | os.PathLike, split: str = 'test', with_data_consistency: bool = False,
              num_panels: int = 4, overwrite: bool = False, checkpoint: str = '') -> dict[str, Any]:
-  """Evaluates `params` on `split` and writes the report files into `out_dir`; returns
-  metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
+  """Evaluates `params` on `split` and writes the report files into `out_dir` (process 0 of a
+  multi-host run: the others score their share); returns metrics.json's content. Refuses an
+  existing `out_dir` unless `overwrite`."""
   out_dir = Path(out_dir)
   if with_data_consistency and pipeline.underlying_dataset(config.data) in pipeline.MULTICOIL:
     raise DataError(f'config.data.dataset={config.data.dataset!r}: multi-coil data; data '
@@ -326,6 +330,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
                  folder / 'panels' / f'{record.subject}_slice{record.index:03d}.png', network)
     plot_psnr_by_position(scores.slices, scores.methods, folder / 'psnr_per_slice.png', network)
 
-  write_atomically(out_dir, write, overwrite)
-  logging.info('wrote %s', out_dir)
+  if jax.process_index() == 0:
+    write_atomically(out_dir, write, overwrite)
+    logging.info('wrote %s', out_dir)
   return report

@@ -1,9 +1,11 @@
 """The device mesh and batches on it: one `(data, model)` mesh for training, evaluation and
 inference; batches split over `data`, parameters replicated."""
 
+import pickle
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -42,3 +44,14 @@ def processes(mesh: Mesh) -> list[int]:
 def platform(mesh: Mesh) -> str:
   """The `jax.Device.platform` of the mesh's devices ('cpu', 'gpu', 'tpu')."""
   return mesh.devices.flat[0].platform
+
+
+def gather_objects(value: Any) -> list[Any]:
+  """`value` of every process, in process order, on every process (pickled: for results a
+  few megabytes in size, such as an evaluation's rows)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(pickle.dumps(value), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size]))[:, 0]
+  gathered = multihost_utils.process_allgather(np.pad(data, (0, int(sizes.max()) - data.size)))
+  return [pickle.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]

@@ -1,6 +1,7 @@
 """grain pipelines on the demo data: batches, reproducibility, resume, sharding, fixed test
 masks, how far ahead they read."""
 
+import itertools
 import pickle
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from fsmnet_jax.configs import tiny
-from fsmnet_jax.data import DataError, brats, masks, pipeline, transforms, volumes
+from fsmnet_jax.data import DataError, brats, masks, pipeline, volumes
 from fsmnet_jax.data.demo import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,17 +74,22 @@ def test_reproducible_and_resumable(config):
       not np.array_equal(first[1]['mask'][0], first[1]['mask'][1])
 
 
-def test_process_shards_are_disjoint_covers(config):
-  source = pipeline.make_source(config, 'train')
-  seen = []
-  for index in range(3):
-    loader = pipeline.make_loader(config, 'train', 1, num_epochs=1, shuffle=False,
-                                  shard_options=grain.ShardOptions(index, 3, drop_remainder=False))
-    # The raw target, recovered from the normalised one: identifies the record.
-    seen += [float(transforms.denormalize(b['target'], b['mean'], b['std']).sum()) for b in loader]
-  everything = [float(source[i]['target'].sum()) for i in range(len(source))]
-  assert len(seen) == len(everything)
-  assert seen == pytest.approx(everything, rel=1e-4)  # contiguous shards in order: a partition
+@pytest.mark.parametrize('split', ['test', 'train'])
+def test_evaluation_shares_are_whole_volumes_read_as_one_process_reads_them(config, split):
+  """What fsmnet-eval's processes read: consecutive whole volumes, the same batches (masks of
+  the training split's random draws included) as one process reading everything."""
+  source = pipeline.make_source(config, split)
+  shares = pipeline.volume_ranges(source, 3)
+  assert [key for share in shares for key in share] == list(range(len(source)))
+  subjects = lambda share: {source.record(key).subject for key in share}
+  assert all(not subjects(a) & subjects(b) for a, b in itertools.combinations(shares, 2))
+  assert sum(1 for share in shares if share) == min(3, len(subjects(range(len(source)))))
+  everything = pipeline.make_loader(config, split, 1, num_epochs=1, shuffle=False)
+  shared = [batch for share in shares for batch in pipeline.make_loader(
+      config, split, 1, num_epochs=1, shuffle=False, source=source, records=share)]
+  for whole, part in zip(everything, shared, strict=True):
+    for key, value in whole.items():
+      np.testing.assert_array_equal(value, part[key], err_msg=key)
 
 
 def test_test_masks_are_fixed_per_volume(config):

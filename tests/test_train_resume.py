@@ -9,7 +9,6 @@ import json
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from training_runs import (REPO, TINY, COMPARED_RUN, cli_env, cli_command, train_run, saved_steps,
-                           saved_state, assert_bitwise_equal, assert_same_training)
+from training_runs import (REPO, TINY, COMPARED_RUN, free_port, cli_env, cli_command, train_run,
+                           saved_steps, saved_state, assert_bitwise_equal, assert_same_training)
 
 
 @pytest.fixture(scope='module')
@@ -68,6 +67,10 @@ def test_a_full_disk_then_a_resume_after_a_normal_stop_is_bitwise_identical(
   assert 'at step 3' in resumed.stderr
   assert saved_steps(workdir) == [2, 3, 6]
   assert_bitwise_equal(saved_state(workdir), saved_state(reference_run))
+  # A resume with other settings keeps the first start's config and adds its own.
+  started, resumed = (json.loads((workdir / name).read_text())
+                      for name in ('config.json', 'config.step_3.json'))
+  assert (started['train']['num_steps'], resumed['train']['num_steps']) == (3, 6)
 
 
 def _wait_for(condition, what: str, timeout: float = 600) -> None:
@@ -151,14 +154,8 @@ def test_a_run_from_prepared_shards_is_the_run_from_the_files(tmp_path, data_roo
   assert evaluations[0] == evaluations[1] and evaluations[0]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_as_one(tmp_path, data_root, compile_cache, three_steps_on_8_devices):
-  port = _free_port()
+  port = free_port()
   processes = [
       subprocess.Popen(
           cli_command(tmp_path, data_root, *COMPARED_RUN,

@@ -14,6 +14,7 @@ in ~70 s (2-core Zen 3). The runs that show the network itself trains alike (los
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,13 @@ def train_run(workdir, data_root, cache, *overrides, devices=1, check=True, full
   if check and result.returncode:
     raise AssertionError(f'fsmnet-train failed ({result.returncode}):\n{result.stderr[-4000:]}')
   return result
+
+
+def free_port() -> int:
+  """A TCP port of this machine nobody listens on (for jax.distributed's coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def saved_steps(workdir: Path) -> list[int]:

@@ -4,6 +4,10 @@ per-slice CSV, pictures and both metric conventions.
   fsmnet-eval --config configs/brats_4x.py --checkpoint runs/brats_4x \\
     --config.data.root /data/BraTS2020 [--split test] [--out DIR] [--data_consistency]
 
+Multi-host: `--distributed`, or `--coordinator_address host:port --num_processes N
+--process_id I` (fsmnet_jax/cli/distributed.py): each process scores its share of the volumes,
+process 0 writes the report.
+
 --checkpoint takes a training workdir (its latest step), a step folder, an exported variables
 folder, or a reference PyTorch .pth/.pt/.safetensors (converted on the fly; needs torch).
 """
@@ -14,9 +18,11 @@ from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
+import jax
 from ml_collections import config_flags
 
 from fsmnet_jax import evaluate, inference
+from fsmnet_jax.cli import distributed
 from fsmnet_jax.cli.common import load_params, run_absl_app, run_reporting_errors
 from fsmnet_jax.model import build_model
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
@@ -33,6 +39,7 @@ flags.DEFINE_bool('data_consistency', False, 'Also score FSMNet with the measure
 flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output folder.')
 flags.DEFINE_bool('debug', False, 'Show tracebacks of errors, orbax\'s included.')
+flags.adopt_module_key_flags(distributed)
 flags.mark_flags_as_required(['config', 'checkpoint'])
 FLAGS = flags.FLAGS
 
@@ -51,6 +58,7 @@ def main(argv: list[str]) -> None:
   absl_logging.set_verbosity(absl_logging.INFO)
   quiet_orbax_logs(show_tracebacks=FLAGS.debug)
   inference.enable_compilation_cache()
+  distributed.initialize()
   sys.exit(run_reporting_errors('fsmnet-eval', _evaluate, FLAGS.debug))
 
 
@@ -60,7 +68,8 @@ def _evaluate() -> None:
   params, model = load_params(checkpoint, build_model(config))
   report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
                              FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
-  print((out / 'table1.md').read_text())
+  if jax.process_index() == 0:  # the one that wrote it
+    print((out / 'table1.md').read_text())
   logging.info('%d subjects, %d slices: results in %s', report['num_subjects'],
                report['num_slices'], out)
 

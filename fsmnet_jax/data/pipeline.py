@@ -344,23 +344,64 @@ class GlobalBatchSampler:
             f'process {self._process_index} of {self._process_count})')
 
 
+class RecordRangeSampler:
+  """The records `records` (a range of keys) of the unshuffled one-epoch stream of all
+  records, with their generators from that stream: a process's share of an evaluation, with
+  the masks a one-process evaluation draws."""
+
+  def __init__(self, num_records: int, records: range, seed: int):
+    self._stream = grain.IndexSampler(num_records, grain.NoSharding(), shuffle=False,
+                                      num_epochs=1, seed=seed)
+    self._records = records
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < len(self._records):
+      raise IndexError(f'index {index} out of range [0, {len(self._records)})')
+    record = self._stream[self._records[index]]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+  def __repr__(self) -> str:
+    return f'RecordRangeSampler({self._stream!r}, records {self._records})'
+
+
+def volume_ranges(source: grain.RandomAccessDataSource, count: int) -> list[range]:
+  """`count` consecutive ranges of the source's record keys, of about equal length, cut only
+  where one subject's slices end and the next one's begin (so each range holds whole volumes;
+  a range may be empty)."""
+  subjects = [source.record(i).subject for i in range(len(source))]
+  boundaries = [i for i in range(1, len(subjects)) if subjects[i] != subjects[i - 1]]
+  cuts = [0]
+  for k in range(1, count):
+    wanted = k * len(subjects) / count
+    later = [b for b in boundaries if b > cuts[-1]]
+    cuts.append(min(later, key=lambda b: abs(b - wanted)) if later else len(subjects))
+  cuts.append(len(subjects))
+  return [range(start, end) for start, end in zip(cuts, cuts[1:])]
+
+
 def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
                 num_epochs: int | None = None, shuffle: bool | None = None,
-                shard_options: grain.ShardOptions | None = None,
-                source: grain.RandomAccessDataSource | None = None) -> grain.DataLoader:
+                source: grain.RandomAccessDataSource | None = None,
+                records: range | None = None) -> grain.DataLoader:
   """A grain DataLoader of batches of `batch_size` (per process); each process reads its own
-  records. Training without `shard_options` uses `GlobalBatchSampler` (process-count
-  independent global batches); otherwise records are sharded by `shard_options` (default: by
-  JAX process). `source` saves re-reading the split when the caller already has it."""
+  records. Training uses `GlobalBatchSampler` (process-count independent global batches);
+  with `records`, one epoch of those records in order (`RecordRangeSampler`); otherwise
+  records are split between JAX processes. `source` saves re-reading the split when the caller
+  already has it."""
   source = make_source(config, split) if source is None else source
   training = split == 'train'
   shuffle = training if shuffle is None else shuffle
-  if training and shard_options is None:
+  shard_options = grain.NoSharding()
+  if records is not None:
+    sampler = RecordRangeSampler(len(source), records, config.seed)
+  elif training:
     sampler = GlobalBatchSampler(len(source), batch_size, jax.process_index(),
                                  jax.process_count(), shuffle, num_epochs, config.seed)
-    shard_options = grain.NoSharding()
   else:
-    shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=training)
+    shard_options = grain.ShardByJaxProcess()
     sampler = grain.IndexSampler(len(source), shard_options, shuffle=shuffle,
                                  num_epochs=num_epochs, seed=config.seed)
   if config.data.worker_count and not flags.FLAGS.is_parsed():
