@@ -85,8 +85,8 @@ def test_a_run_with_other_settings_is_refused_naming_them(brats_shards):
   config, folder = brats_shards
   other = _prepared(config, folder)
   other.data.image_size, other.seed = 64, 3  # the seed picks the test subjects
-  with pytest.raises(DataError, match=r'data.image_size=64 \(prepared with 32\); seed=3 '
-                                      r'\(prepared with 0\)'):
+  with pytest.raises(DataError, match=r'config.data.image_size=64 \(prepared with 32\); '
+                                      r'config.seed=3 \(prepared with 0\)'):
     pipeline.make_source(other, 'train')
   # What is drawn as the data is read may change: the masks.
   masked = _prepared(config, folder)

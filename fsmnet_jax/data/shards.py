@@ -64,8 +64,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def setting_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-  """'KEY=WANTED (prepared with RECORDED)' for each setting where `wanted` differs."""
-  return [f'{key}={wanted.get(key)!r} (prepared with {value!r})'
+  """'config.KEY=WANTED (prepared with RECORDED)' for each setting where `wanted` differs."""
+  return [f'config.{key}={wanted.get(key)!r} (prepared with {value!r})'
           for key, value in recorded.items() if wanted.get(key) != value]
 
 
