@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_spa_att = False  # True fixes the reference's reuse of `fre_att`
 
   config.data = ml_collections.ConfigDict()
-  # 'demo' | 'brats' | 'ixi' | 'nifti_pairs' | 'fastmri' | 'fastmri_multicoil' | 'm4raw'
+  # 'demo' | 'brats' | 'ixi' | 'nifti_pairs' | 'fastmri' | 'fastmri_multicoil' | 'm4raw' |
+  # 'prepared' (shards written by fsmnet-prepare-data)
   config.data.dataset = 'brats'
   config.data.root = ''
   config.data.acceleration = 4

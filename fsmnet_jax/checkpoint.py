@@ -56,7 +56,10 @@ def _restore_as_numpy(path: Path) -> Any:
   """The tree saved in `path`, as numpy arrays whole on every process (whatever devices and
   processes saved it: restored as saved, orbax refuses another topology)."""
   with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
+    metadata = checkpointer.metadata(path).item_metadata
+    if metadata is None:
+      raise FileNotFoundError(f'{path}/_METADATA: missing (the saved tree and its arrays)')
+    tree = metadata.tree
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 

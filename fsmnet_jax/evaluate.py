@@ -2,7 +2,7 @@
 
 `SplitEvaluator` runs the one jitted `eval_step` over a split; training evaluates with it, and
 `evaluate(config, params, model, out_dir)` (fsmnet-eval) scores every slice with it, sharded over
-the local devices, and writes into `out_dir` (atomically: complete or absent):
+the devices of every process, and writes into `out_dir` (atomically: complete or absent):
   metrics.json      settings, counts, mean/std per method in both metric conventions
   table1.md         method x {PSNR, SSIM, NMSE} as mean ± std (Table 1 of the paper)
   slices.csv        subject, slice and every method's metrics, one row per slice
@@ -65,14 +65,15 @@ class SplitEvaluator:
   """Scores every slice of a split with one jitted `eval_step`, its batches split over the
   `data` axis of `mesh` (training and fsmnet-eval: all processes' devices).
 
-  Each process of the mesh reads its own share of the slices, whole volumes
-  (`pipeline.volume_ranges`); all take part in every step (a process out of slices pads with
-  zero rows), and every process gets the scores of all rows.
+  Each process of the mesh reads its own share of the slices: consecutive slices of even
+  counts, or with `whole_volumes` whole volumes each (per-volume scores need no other process's
+  slices); all take part in every step (a process out of slices pads with zero rows), and every
+  process gets the scores of all rows.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
                split: str = 'test', *, with_data_consistency: bool = False,
-               with_images: bool = False, max_batches: int = 0):
+               with_images: bool = False, max_batches: int = 0, whole_volumes: bool = False):
     self.source = pipeline.make_source(config, split)
     mesh_processes = mesh_lib.processes(mesh)
     data_size = mesh.shape['data']
@@ -80,7 +81,8 @@ class SplitEvaluator:
     self.batch_size = global_batch // len(mesh_processes)  # rows of this process in each step
     self._image_size = config.data.image_size
     rank = mesh_processes.index(jax.process_index())
-    shares = pipeline.volume_ranges(self.source, len(mesh_processes))
+    shares = (pipeline.volume_ranges(self.source, len(mesh_processes)) if whole_volumes
+              else pipeline.even_ranges(len(self.source), len(mesh_processes)))
     self._loader = pipeline.make_loader(config, split, self.batch_size, num_epochs=1,
                                         shuffle=False, source=self.source, records=shares[rank])
     self.num_slices = len(shares[rank])  # of this process
@@ -252,7 +254,8 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
   scores its share of the volumes, and every process returns the scores of all."""
   mesh = mesh_lib.make_mesh()
   evaluator = SplitEvaluator(config, mesh, model.apply, split,
-                             with_data_consistency=with_data_consistency, with_images=True)
+                             with_data_consistency=with_data_consistency, with_images=True,
+                             whole_volumes=True)
   source = evaluator.source
   ssim_fn = jax.jit(metrics.ssim)
   params = jax.device_put(params, mesh_lib.replicated(mesh))
@@ -295,23 +298,25 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   multi-host run: the others score their share); returns metrics.json's content. Refuses an
   existing `out_dir` unless `overwrite`."""
   out_dir = Path(out_dir)
-  if with_data_consistency and pipeline.underlying_dataset(config.data) in pipeline.MULTICOIL:
-    raise DataError(f'config.data.dataset={config.data.dataset!r}: multi-coil data; data '
-                    'consistency would need the coils\' sensitivities, which are not estimated: '
-                    'evaluate without --data_consistency')
+  dataset = pipeline.underlying_dataset(config.data)
+  if with_data_consistency and dataset in pipeline.MULTICOIL:
+    shards_of = f' (shards of {dataset!r})' if dataset != config.data.dataset else ''
+    raise DataError(f'config.data.dataset={config.data.dataset!r}{shards_of}: multi-coil data; '
+                    'data consistency would need the coils\' sensitivities, which are not '
+                    'estimated: evaluate without --data_consistency')
   refuse_existing([out_dir], overwrite)
   scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data
   network = type(model).__name__
   report = {
-      'checkpoint': checkpoint, 'network': network, 'dataset': data.dataset, 'split': split,
+      'checkpoint': checkpoint, 'network': network, 'dataset': dataset, 'split': split,
       'acceleration': data.acceleration, 'mask_type': data.mask_type,
       'image_size': data.image_size, 'num_subjects': len(scores.volumes),
       'num_slices': len(scores.slices), 'data_consistency': with_data_consistency,
       'reference_convention': summarize(scores.slices, scores.methods),
       'fastmri_convention': summarize(scores.volumes, scores.methods),
   }
-  title = (f'### {data.dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
+  title = (f'### {dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
            f'{len(scores.volumes)} subjects, {len(scores.slices)} slices')
   table = (table1_markdown(report['reference_convention'], data.acceleration, title, network)
            + '\nPer slice, on the reference convention (uint8, scikit-image defaults).\n\n'

@@ -67,7 +67,7 @@ def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
       for workers in args.workers:
         source_config.data.worker_count = workers
         iterator = iter(pipeline.make_loader(source_config, 'train', args.batch_size))
-        next(iterator)  # warm-up: worker start, volume decoding into the cache
+        next(iterator)  # warm-up: worker start (prepare() filled the decode cache)
         # The whole stretch, not a median of single batches: workers prefetch, and a median
         # would time taking ready batches out of their buffer.
         start = time.perf_counter()

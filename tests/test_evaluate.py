@@ -184,7 +184,7 @@ def test_two_processes_write_the_report_of_one(tmp_path, data_root, compile_cach
   would. (The spatial branch: the sharing is the same for any network.)"""
   model = FSMNet(**{**tiny.get_config().model, **SPATIAL_BRANCH})
   checkpoint.save_variables(init_variables(model, jax.random.key(1)), tmp_path / 'variables')
-  # Two test subjects of four, eight slices each: one per process.
+  # Two test subjects of four (six of each one's eight slices hold anatomy): one per process.
   command = [sys.executable, '-m', 'fsmnet_jax.cli.eval', '--config',
              str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}',
              '--config.data.test_fraction=0.5', '--config.eval.batch_size=4', *SPATIAL_ONLY,
@@ -197,7 +197,11 @@ def test_two_processes_write_the_report_of_one(tmp_path, data_root, compile_cach
       [*command, f'--out={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
        '--num_processes=2', f'--process_id={i}'], env=cli_env(2, compile_cache),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
+  try:  # (a process that fails leaves the other waiting in a collective)
+    outputs = [p.communicate(timeout=600) for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, outputs[0][1][-3000:] + outputs[1][1][-3000:]
   assert 'process 1 of 2; 2 local and 4 global devices' in outputs[1][1]

@@ -31,8 +31,10 @@ def _config(root, layout, cache):
 
 
 def _prepared(config, folder):
+  """`config` reading the shards in `folder`: where the files were is no longer said."""
   prepared = config.copy_and_resolve_references()
-  prepared.data.update(dataset='prepared', root=str(folder))
+  prepared.data.update(dataset='prepared', root=str(folder),
+                       **{key: '' for key in pipeline.PATH_SETTINGS})
   return prepared
 
 
@@ -88,6 +90,13 @@ def test_a_run_with_other_settings_is_refused_naming_them(brats_shards):
   with pytest.raises(DataError, match=r'config.data.image_size=64 \(prepared with 32\); '
                                       r'config.seed=3 \(prepared with 0\)'):
     pipeline.make_source(other, 'train')
+  # Where the files were is not read from shards: said, it is refused (before any work, as
+  # every data setting that is not read).
+  located = _prepared(config, folder)
+  located.data.split_file = 'runs/split.json'
+  with pytest.raises(ValueError, match=r"config.data.split_file='runs/split.json' \(read by "
+                                       r'.*from their files, not from prepared shards\)'):
+    check_data_settings(located)
   # What is drawn as the data is read may change: the masks.
   masked = _prepared(config, folder)
   masked.data.update(acceleration=8, mask_type='equispaced')

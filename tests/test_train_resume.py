@@ -140,9 +140,11 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, data_root, 
 def test_a_run_from_prepared_shards_is_the_run_from_the_files(tmp_path, data_root,
                                                               compile_cache, reference_run):
   shards = tmp_path / 'shards'
-  subprocess.run([sys.executable, '-m', 'fsmnet_jax.cli.prepare_data', '--config',
-                  str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}', *TINY,
-                  f'--out={shards}'], check=True, capture_output=True, timeout=300)
+  prepared = subprocess.run([sys.executable, '-m', 'fsmnet_jax.cli.prepare_data', '--config',
+                             str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}',
+                             *TINY, f'--out={shards}'], capture_output=True, text=True,
+                            timeout=300)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
   workdir = tmp_path / 'run'
   train_run(workdir, shards, compile_cache, '--config.data.dataset=prepared',
             '--config.train.shard_optimizer_state=True', devices=8)

@@ -148,15 +148,21 @@ def initial_params(workdir: Path) -> dict:
 
 
 def assert_same_training(workdir: Path, other: Path) -> None:
-  """Same steps and losses, and parameters that drift apart only as float32 rounding does."""
+  """The runs in two workdirs: same steps, and `assert_same_trajectory`."""
   assert saved_steps(workdir) == saved_steps(other) == [1, 2, 3]
   initial = initial_params(workdir)
   assert jax.tree_util.tree_structure(initial) == jax.tree_util.tree_structure(
       initial_params(other))
+  params = [{step: saved_state(run, step)['params'] for step in (1, 3)} for run in (workdir, other)]
+  assert_same_trajectory(*params, initial, logged_losses(workdir), logged_losses(other))
+
+
+def assert_same_trajectory(params: dict, other_params: dict, initial, losses: dict,
+                           other_losses: dict) -> None:
+  """Parameters (by step: 1 and 3) that drift apart only as float32 rounding does, and the
+  same losses (by step: 1 to 3)."""
   for step, bound in ((1, STEP_1_DRIFT), (3, STEP_3_DRIFT)):
-    params, other_params = saved_state(workdir, step)['params'], saved_state(other, step)['params']
-    assert relative_l2(params, other_params, initial) < bound, step
-  losses, other_losses = logged_losses(workdir), logged_losses(other)
+    assert relative_l2(params[step], other_params[step], initial) < bound, step
   np.testing.assert_allclose(losses[1], other_losses[1], rtol=1e-6)
   np.testing.assert_allclose([losses[s] for s in (2, 3)], [other_losses[s] for s in (2, 3)],
                              rtol=LOSS_RTOL)

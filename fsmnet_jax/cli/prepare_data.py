@@ -20,7 +20,6 @@ from ml_collections import config_flags
 
 from fsmnet_jax.cli.common import check_data_settings, run_absl_app, run_reporting_errors
 from fsmnet_jax.data import pipeline, shards
-from fsmnet_jax.files import refuse_existing
 from fsmnet_jax.reporting import ProgressBar
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (its data settings and '
@@ -47,8 +46,6 @@ def _prepare() -> None:
   if FLAGS.shard_size_mb < 1:
     raise ValueError(f'--shard_size_mb={FLAGS.shard_size_mb}: must be at least 1')
   check_data_settings(config)
-  if not (out.is_dir() and not any(out.iterdir())):
-    refuse_existing([out], FLAGS.overwrite)  # before any decoding
   bars = {}
 
   def progress(split: str, done: int, total: int) -> None:

@@ -167,12 +167,13 @@ class PreparedSlices(grain.RandomAccessDataSource):
       raise DataError(f'{root}: prepared from {manifest["dataset"]} with other settings than '
                       f'this run\'s: {"; ".join(differences)}. Run with those settings, or '
                       'prepare the data again with these')
-    self.dataset = manifest['dataset']
     self._shards = shards.ShardReader(root, split, manifest)
     table = manifest['splits'][split]
     self._records = [(v['volume'], index, v['subject'])
                      for v in table['volumes'] for index in v['slices']]
-    self._description = f'PreparedSlices({root}, {split}: {table["description"]})'
+    # The original source's: the same records, so a run may resume from either, and from
+    # shards moved or mounted elsewhere.
+    self._description = table['description']
 
   def __len__(self) -> int:
     return len(self._records)
@@ -194,7 +195,7 @@ def example_settings(config: ml_collections.ConfigDict, dataset: str) -> dict:
   """The settings that decide which slices `dataset` gives and their pixels (not the masks,
   drawn as they are read), keyed as on the command line: a prepared copy records them."""
   data = config.data
-  settings = {'data.dataset': dataset, 'data.image_size': data.image_size}
+  settings = {'data.image_size': data.image_size}
   settings.update({f'data.{key}': data[key] for key, readers in SETTING_READERS.items()
                    if dataset in readers and key not in PATH_SETTINGS})
   if dataset in NIFTI and not data.split_file:
@@ -212,6 +213,7 @@ def prepare(config: ml_collections.ConfigDict, out: str | Path,
   if dataset == 'prepared':
     raise DataError(f'config.data.dataset=prepared: {config.data.root} is prepared already; '
                     'name the data set it holds and its original files')
+  shards.refuse_existing_out(out, overwrite)  # before any decoding
   sources = {split: make_source(config, split) for split in shards.SPLITS}
   return shards.write_prepared(out, sources, dataset, example_settings(config, dataset),
                                {'seed': config.seed, 'data': config.data.to_dict()},
@@ -287,11 +289,14 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
 def unread_settings(data: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
                     ) -> list[str]:
   """The settings of `data` (config.data) changed from `defaults` that `data.dataset` does not
-  read, each as 'config.data.KEY=VALUE (read by ...)'."""
-  dataset = underlying_dataset(data)
-  return [f'config.data.{key}={data[key]!r} (read by {", ".join(readers)})'
+  read, each as 'config.data.KEY=VALUE (read by ...)'. Prepared shards read the settings of the
+  data set they hold, but not where its files were."""
+  dataset, prepared = underlying_dataset(data), data.dataset == 'prepared'
+  return [f'config.data.{key}={data[key]!r} (read by {", ".join(readers)}'
+          f'{" from their files, not from prepared shards" if prepared else ""})'
           for key, readers in SETTING_READERS.items()
-          if dataset not in readers and data[key] != defaults[key]]
+          if (dataset not in readers or prepared and key in PATH_SETTINGS)
+          and data[key] != defaults[key]]
 
 
 def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePair], bool]:
@@ -367,6 +372,12 @@ class RecordRangeSampler:
     return f'RecordRangeSampler({self._stream!r}, records {self._records})'
 
 
+def even_ranges(num_records: int, count: int) -> list[range]:
+  """`count` consecutive ranges of record keys whose lengths differ by at most one."""
+  cuts = [num_records * k // count for k in range(count + 1)]
+  return [range(start, end) for start, end in zip(cuts, cuts[1:])]
+
+
 def volume_ranges(source: grain.RandomAccessDataSource, count: int) -> list[range]:
   """`count` consecutive ranges of the source's record keys, of about equal length, cut only
   where one subject's slices end and the next one's begin (so each range holds whole volumes;
@@ -387,33 +398,32 @@ def make_loader(config: ml_collections.ConfigDict, split: str, batch_size: int,
                 source: grain.RandomAccessDataSource | None = None,
                 records: range | None = None) -> grain.DataLoader:
   """A grain DataLoader of batches of `batch_size` (per process); each process reads its own
-  records. Training uses `GlobalBatchSampler` (process-count independent global batches);
-  with `records`, one epoch of those records in order (`RecordRangeSampler`); otherwise
-  records are split between JAX processes. `source` saves re-reading the split when the caller
-  already has it."""
+  records. The training split is read as training reads it (`GlobalBatchSampler`: global
+  batches independent of the process count, full batches only), unless `records` is given;
+  an evaluation reads one epoch of `records` in order (`RecordRangeSampler`; `shuffle` and
+  `num_epochs` do not apply), by default this process's even share of the test split.
+  `source` saves re-reading the split when the caller already has it."""
   source = make_source(config, split) if source is None else source
-  training = split == 'train'
-  shuffle = training if shuffle is None else shuffle
-  shard_options = grain.NoSharding()
-  if records is not None:
-    sampler = RecordRangeSampler(len(source), records, config.seed)
-  elif training:
+  training = split == 'train' and records is None
+  if training:
+    shuffle = True if shuffle is None else shuffle
     sampler = GlobalBatchSampler(len(source), batch_size, jax.process_index(),
                                  jax.process_count(), shuffle, num_epochs, config.seed)
   else:
-    shard_options = grain.ShardByJaxProcess()
-    sampler = grain.IndexSampler(len(source), shard_options, shuffle=shuffle,
-                                 num_epochs=num_epochs, seed=config.seed)
+    if records is None:
+      records = even_ranges(len(source), jax.process_count())[jax.process_index()]
+    sampler = RecordRangeSampler(len(source), records, config.seed)
   if config.data.worker_count and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside an absl app (a notebook, a test) they
     # have not been parsed, and the defaults are what we want.
     flags.FLAGS.mark_as_parsed()
-  operations = [Undersample(config.data, fixed_per_volume=not training),
+  operations = [Undersample(config.data, fixed_per_volume=split != 'train'),
                 grain.Batch(batch_size, drop_remainder=training)]
   # grain reads up to 500 records ahead by default: 12 GB per process of 15-coil 640x320 knee
   # k-space (25 MB a record). A few batches ahead keep the reading threads as busy.
   read_options = grain.ReadOptions(num_threads=READ_THREADS,
                                    prefetch_buffer_size=max(READ_THREADS, 2 * batch_size))
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=config.data.worker_count, shard_options=shard_options,
+                          worker_count=config.data.worker_count,
+                          shard_options=grain.NoSharding(),
                           read_options=read_options)

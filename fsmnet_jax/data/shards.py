@@ -3,8 +3,9 @@
 `fsmnet-prepare-data` decodes a data set once (NIfTI volumes resampled and scaled, k-space read
 from h5) and writes each split's slices as records of ArrayRecord files, beside `prepared.json`:
 the settings the slices were made with, each shard's record count, and which volume and slice
-each record is. `config.data.dataset='prepared'` reads them: a process reads only the records
-of its own batches, and no host decodes a volume or writes a cache. Undersampling stays in the
+each record is. `config.data.dataset='prepared'` reads them: a process reads the records of its
+own batches (and each shard's index, to check it), and no host decodes a volume or writes a
+cache. Undersampling stays in the
 input pipeline, so one preparation serves every mask and acceleration.
 
 A record holds the slice's `target` and `aux` images as float32, the values the pipeline
@@ -82,9 +83,6 @@ class ShardReader:
         [f'{path}[0:{shard["records"]}]' for path, shard in zip(self._paths, shards)])
     self._ends = np.cumsum([shard['records'] for shard in shards])
 
-  def __len__(self) -> int:
-    return len(self._records)
-
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     try:
       return decode(self._records[i])
@@ -155,10 +153,18 @@ def write_prepared(out: str | Path, sources: dict[str, Any], dataset: str,
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
   manifest = {'format': FORMAT, 'dataset': dataset, 'settings': settings,
-              'compression': WRITER_OPTIONS, 'dtype': 'float32', 'with_kspace': with_kspace,
+              'compression': WRITER_OPTIONS, 'with_kspace': with_kspace,
               'config': config}
   out = Path(out)
+  refuse_existing_out(out, overwrite)
   if out.is_dir() and not any(out.iterdir()):
-    out.rmdir()  # an empty folder loses nothing
+    out.rmdir()  # replaced by the new folder, whole
   files.write_atomically(out, write, overwrite)
   return manifest
+
+
+def refuse_existing_out(out: str | Path, overwrite: bool) -> None:
+  """FileExistsError for an `out` that exists, unless `overwrite` or an empty folder."""
+  out = Path(out)
+  if not (out.is_dir() and not any(out.iterdir())):
+    files.refuse_existing([out], overwrite)
