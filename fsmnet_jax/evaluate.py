@@ -304,7 +304,17 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
     raise DataError(f'config.data.dataset={config.data.dataset!r}{shards_of}: multi-coil data; '
                     'data consistency would need the coils\' sensitivities, which are not '
                     'estimated: evaluate without --data_consistency')
-  refuse_existing([out_dir], overwrite)
+  # Process 0 writes, so its answer counts; every process stops alike (one left scoring would
+  # wait for the others in a collective).
+  refusal = None
+  if jax.process_index() == 0:
+    try:
+      refuse_existing([out_dir], overwrite)
+    except FileExistsError as e:
+      refusal = str(e)
+  refusal = mesh_lib.gather_objects(refusal)[0]
+  if refusal:
+    raise FileExistsError(refusal)
   scores = score_split(config, params, model, split, with_data_consistency, num_panels)
   data = config.data
   network = type(model).__name__

@@ -179,6 +179,27 @@ def test_cli_converts_a_pytorch_checkpoint_on_the_fly(tmp_path, config, params, 
   assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pth', 'model_eval_test']
 
 
+def _two_processes(command: list[str], compile_cache: Path, logs: Path
+                   ) -> list[tuple[int, str]]:
+  """(exit status, stderr) of `command` run as processes 0 and 1 of one run, 2 devices each
+  (stderr into files in `logs`: a full pipe would stall a process, and the other with it)."""
+  port = free_port()
+  logs.mkdir()
+  processes = []
+  try:  # (a process that fails leaves the other waiting in a collective)
+    for i in range(2):
+      with open(logs / f'{i}.txt', 'w') as stderr:
+        processes.append(subprocess.Popen(
+            [*command, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+             f'--process_id={i}'], env=cli_env(2, compile_cache), stdout=subprocess.DEVNULL,
+            stderr=stderr))
+    statuses = [p.wait(timeout=600) for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  return [(status, (logs / f'{i}.txt').read_text()) for i, status in enumerate(statuses)]
+
+
 def test_two_processes_write_the_report_of_one(tmp_path, data_root, compile_cache):
   """Each process scores its share of whole volumes; process 0 writes what one process
   would. (The spatial branch: the sharing is the same for any network.)"""
@@ -192,18 +213,10 @@ def test_two_processes_write_the_report_of_one(tmp_path, data_root, compile_cach
   one = subprocess.run([*command, f'--out={tmp_path / "one"}'], capture_output=True, text=True,
                        env=cli_env(4, compile_cache), timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  port = free_port()
-  processes = [subprocess.Popen(
-      [*command, f'--out={tmp_path / "two"}', f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'], env=cli_env(2, compile_cache),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:  # (a process that fails leaves the other waiting in a collective)
-    outputs = [p.communicate(timeout=600) for p in processes]
-  finally:
-    for process in processes:
-      process.kill()
-  for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  outputs = _two_processes([*command, f'--out={tmp_path / "two"}'], compile_cache,
+                           tmp_path / 'logs')
+  for status, stderr in outputs:
+    assert status == 0, outputs[0][1][-3000:] + outputs[1][1][-3000:]
   assert 'process 1 of 2; 2 local and 4 global devices' in outputs[1][1]
   one_dir, two_dir = tmp_path / 'one', tmp_path / 'two'
   assert sorted(p.relative_to(two_dir) for p in two_dir.rglob('*')) == sorted(
@@ -212,6 +225,11 @@ def test_two_processes_write_the_report_of_one(tmp_path, data_root, compile_cach
   assert (reports[0]['num_subjects'], reports[0]['num_slices']) == (2, 12)
   for name in ('table1.md', 'slices.csv'):
     assert (two_dir / name).read_text() == (one_dir / name).read_text(), name
+  # The report exists: process 0 refuses, and the other stops with it rather than wait.
+  again = _two_processes([*command, f'--out={two_dir}'], compile_cache, tmp_path / 'again')
+  for status, stderr in again:
+    assert status == 2 and stderr.strip().splitlines()[-1] == (
+        f'fsmnet-eval: error: {two_dir}: already exists; pass --overwrite to replace it'), stderr
   # Per volume (from the images, in float64): XLA:CPU's convolutions split their sums by the
   # threads of a process, so the images of 2 devices in each of two processes and of 4 in one
   # differ by float32 ulps (measured: volume PSNR and NMSE within 2e-9 relative, their std over

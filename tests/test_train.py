@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
 import numpy as np
 import pytest
 
 from fsmnet_jax.configs import tiny
 from fsmnet_jax import inference
+from fsmnet_jax.cli import distributed
 from fsmnet_jax.model import FSMNet
 from training_runs import (REPO, cli_env, cli_command, train_run, saved_steps, saved_state,
                            assert_bitwise_equal, assert_same_trajectory, logged_losses)
@@ -189,3 +191,14 @@ def test_a_diverging_run_stops_naming_the_step_and_its_slices(tmp_path, data_roo
   assert saved_steps(tmp_path) == [1]
   state = saved_state(tmp_path, 1)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state))
+
+
+def test_only_tasks_that_srun_started_join_a_multi_host_run():
+  """In a SLURM allocation of several tasks, srun starts a command once per task (each with its
+  SLURM_PROCID); a command run in the allocation without srun is one process alone."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # the flags' defaults: no coordinator, no --distributed
+  assert not distributed.is_multi_host({})
+  assert not distributed.is_multi_host({'SLURM_NTASKS': '4'})  # salloc -n 4, no srun
+  assert not distributed.is_multi_host({'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'})
+  assert distributed.is_multi_host({'SLURM_NTASKS': '4', 'SLURM_PROCID': '2'})

@@ -6,6 +6,7 @@
 
 import logging
 import os
+from typing import Mapping
 
 from absl import flags
 import jax
@@ -18,12 +19,18 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (
 FLAGS = flags.FLAGS
 
 
+def is_multi_host(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether this process is one of several: named by the flags, or one task of several that
+  SLURM's srun started (SLURM_PROCID; in an allocation alone, SLURM_NTASKS > 1 is no sign)."""
+  srun_tasks = int(environ.get('SLURM_NTASKS', '1')) if 'SLURM_PROCID' in environ else 1
+  return FLAGS.coordinator_address is not None or FLAGS.distributed or srun_tasks > 1
+
+
 def initialize() -> None:
   """Joins the other processes of a multi-host run, if this is one."""
-  explicit = FLAGS.coordinator_address is not None
-  slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1'))
-  if not (explicit or FLAGS.distributed or slurm_tasks > 1):
+  if not is_multi_host():
     return
+  explicit = FLAGS.coordinator_address is not None
   # CPU devices exchange data through gloo; GPUs and TPUs ignore this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:
