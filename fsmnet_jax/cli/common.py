@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -74,12 +75,22 @@ def run_command(name: str, parser: argparse.ArgumentParser, command: Callable[..
   return run_reporting_errors(name, lambda: command(args), args.debug, user_errors)
 
 
-def run_absl_app(main: Callable[[list[str]], None], module_name: str) -> None:
-  """`absl.app.run(main)` for a console script whose flags and usage text are in
-  `module_name`: --help shows them, and exits 0 like argparse's.
+def run_absl_app(program: str, command: Callable[[], int | None], module_name: str,
+                 setup: Callable[[], None] = lambda: None) -> None:
+  """Runs the console script `program`: parses the flags defined in `module_name` (refusing
+  other arguments), logs at INFO, calls `setup()` and then `command()` through
+  `run_reporting_errors` (its --debug flag shows tracebacks), and exits with its status.
+  --help shows the flags and usage text of `module_name`, and exits 0 like argparse's.
 
   absl takes both from `__main__`, here the console script's stub, and exits 1 after help.
   """
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    absl_logging.set_verbosity(absl_logging.INFO)
+    setup()
+    sys.exit(run_reporting_errors(program, command, flags.FLAGS.debug))
+
   sys.modules['__main__'].__doc__ = sys.modules[module_name].__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -13,17 +13,15 @@ folder, or a reference PyTorch .pth/.pt/.safetensors (converted on the fly; need
 """
 
 import logging
-import sys
 from pathlib import Path
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 import jax
 from ml_collections import config_flags
 
 from fsmnet_jax import evaluate, inference
 from fsmnet_jax.cli import distributed
-from fsmnet_jax.cli.common import load_params, run_absl_app, run_reporting_errors
+from fsmnet_jax.cli.common import load_params, run_absl_app
 from fsmnet_jax.model import build_model
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
@@ -52,14 +50,10 @@ def default_out_dir(checkpoint: Path, split: str) -> Path:
   return checkpoint.with_name(f'{checkpoint.stem}_eval_{split}')
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  absl_logging.set_verbosity(absl_logging.INFO)
+def _setup() -> None:
   quiet_orbax_logs(show_tracebacks=FLAGS.debug)
   inference.enable_compilation_cache()
   distributed.initialize()
-  sys.exit(run_reporting_errors('fsmnet-eval', _evaluate, FLAGS.debug))
 
 
 def _evaluate() -> None:
@@ -75,7 +69,7 @@ def _evaluate() -> None:
 
 
 def run() -> None:
-  run_absl_app(main, __name__)
+  run_absl_app('fsmnet-eval', _evaluate, __name__, _setup)
 
 
 if __name__ == '__main__':

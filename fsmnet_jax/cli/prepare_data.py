@@ -11,14 +11,12 @@ masks); a run with other settings is refused, naming them.
 """
 
 import logging
-import sys
 from pathlib import Path
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
-from fsmnet_jax.cli.common import check_data_settings, run_absl_app, run_reporting_errors
+from fsmnet_jax.cli.common import check_data_settings, run_absl_app
 from fsmnet_jax.data import pipeline, shards
 from fsmnet_jax.reporting import ProgressBar
 
@@ -32,13 +30,6 @@ flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder (once th
 flags.DEFINE_bool('debug', False, 'Show tracebacks of errors.')
 flags.mark_flags_as_required(['config', 'out'])
 FLAGS = flags.FLAGS
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  absl_logging.set_verbosity(absl_logging.INFO)
-  sys.exit(run_reporting_errors('fsmnet-prepare-data', _prepare, FLAGS.debug))
 
 
 def _prepare() -> None:
@@ -65,7 +56,7 @@ def _prepare() -> None:
 
 
 def run() -> None:
-  run_absl_app(main, __name__)
+  run_absl_app('fsmnet-prepare-data', _prepare, __name__)
 
 
 if __name__ == '__main__':

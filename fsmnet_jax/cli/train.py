@@ -7,15 +7,12 @@ Multi-host: `--distributed`, or `--coordinator_address host:port --num_processes
 --process_id I` (fsmnet_jax/cli/distributed.py).
 """
 
-import sys
-
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
 from fsmnet_jax import train
 from fsmnet_jax.cli import distributed
-from fsmnet_jax.cli.common import check_data_settings, run_absl_app, run_reporting_errors
+from fsmnet_jax.cli.common import check_data_settings, run_absl_app
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -26,13 +23,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  absl_logging.set_verbosity(absl_logging.INFO)
+def _setup() -> None:
   quiet_orbax_logs(show_tracebacks=FLAGS.debug)
   distributed.initialize()
-  sys.exit(run_reporting_errors('fsmnet-train', _train, FLAGS.debug))
 
 
 def _train() -> None:
@@ -41,7 +34,7 @@ def _train() -> None:
 
 
 def run() -> None:
-  run_absl_app(main, __name__)
+  run_absl_app('fsmnet-train', _train, __name__, _setup)
 
 
 if __name__ == '__main__':
