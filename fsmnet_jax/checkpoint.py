@@ -4,7 +4,6 @@ import contextlib
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Iterator
 
 import grain.python as grain
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fsmnet_jax.files import write_atomically
+from fsmnet_jax.files import StoragePath, absolute_path, as_path, write_atomically
 from fsmnet_jax.orbax_logs import (drop_orbax_stragglers, hide_missing_step_metadata,
                                    hide_orbax_logs)
 
@@ -29,30 +28,30 @@ class CheckpointWriteError(OSError):
 
 
 def save_variables(variables: dict[str, Any], directory: str | os.PathLike,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False) -> StoragePath:
   """Saves {'params': ...} to `directory` (refused if it exists, unless `overwrite`)."""
   variables = {'params': variables['params']}
 
-  def write(path: Path) -> None:
+  def write(path) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(path.absolute(), variables)
+      checkpointer.save(absolute_path(path), variables)
 
   return write_atomically(directory, write, overwrite)
 
 
 def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
   """Loads the {'params': ...} tree saved by `save_variables`, as numpy arrays."""
-  directory = Path(directory)
+  directory = as_path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint folder')
   with _reading(directory, 'orbax checkpoint'):
-    restored = _restore_as_numpy(directory.absolute())
+    restored = _restore_as_numpy(absolute_path(directory))
   if not isinstance(restored, dict) or 'params' not in restored:
     raise CheckpointError(f'{directory}: holds no "params" tree')
   return {'params': restored['params']}
 
 
-def _restore_as_numpy(path: Path) -> Any:
+def _restore_as_numpy(path: StoragePath) -> Any:
   """The tree saved in `path`, as numpy arrays whole on every process (whatever devices and
   processes saved it: restored as saved, orbax refuses another topology)."""
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -74,7 +73,7 @@ class TrainCheckpoints:
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int, best_metric: str):
-    self.directory = Path(directory).absolute()
+    self.directory = absolute_path(directory)
     policies = ocp.checkpoint_managers.preservation_policy
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(keep),
@@ -151,8 +150,7 @@ class TrainCheckpoints:
       raise self._write_error(step, e) from e
 
   def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
-    # Complete saves are the folders named by their step; a failed one stays temporary.
-    complete = [int(p.name) for p in self.directory.glob('*') if p.name.isdigit()]
+    complete = [int(p.name) for p in _complete_steps(self.directory)]
     kept = (f'the latest complete checkpoint, step {max(complete)}, is intact' if complete
             else 'no complete checkpoint was written yet')
     hide_orbax_logs()
@@ -180,7 +178,7 @@ def describe_error(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _reading(folder: Path, what: str) -> Iterator[None]:
+def _reading(folder: StoragePath, what: str) -> Iterator[None]:
   """Turns a failed orbax read of `folder` into a CheckpointError naming it."""
   drop_orbax_stragglers()
   try:
@@ -202,19 +200,27 @@ def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tup
                                        ('other shape', reshaped)) if keys)
 
 
-def latest_train_step(workdir: str | os.PathLike) -> Path | None:
+def latest_train_step(workdir: str | os.PathLike) -> StoragePath | None:
   """The latest complete step folder of a training workdir (None if it has none)."""
-  directory = Path(workdir) / TRAIN_CHECKPOINT_DIR
-  # Unfinished saves live in temporary folders whose names are not plain step numbers.
-  steps = [p for p in directory.iterdir() if p.name.isdigit() and (p / 'state').is_dir()
-           ] if directory.is_dir() else []
+  directory = as_path(workdir) / TRAIN_CHECKPOINT_DIR
+  steps = [p for p in _complete_steps(directory) if (p / 'state').is_dir()]
   return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def _complete_steps(directory: StoragePath) -> list[StoragePath]:
+  """The step folders of complete saves. A save in progress, or cut short, is a temporary
+  folder whose name is not a plain step number, or in a bucket (no rename there) a step folder
+  without orbax's commit_success.txt."""
+  if not directory.is_dir():
+    return []
+  return [p for p in directory.iterdir()
+          if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p)]
 
 
 def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   """{'params': ...} of a training checkpoint step, as numpy: the EMA of the parameters when
   the run kept one (training evaluates those), else the parameters."""
-  path = (Path(step_folder) / 'state').absolute()
+  path = absolute_path(step_folder) / 'state'
   absl_logger = logging.getLogger('absl')
   absl_logger.addFilter(hide_missing_step_metadata)
   try:

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from fsmnet_jax import conv, mesh as mesh_lib, metrics
 from fsmnet_jax.data import DataError, kspace, pipeline, transforms
-from fsmnet_jax.files import refuse_existing, write_atomically
+from fsmnet_jax.files import as_path, refuse_existing, write_atomically
 from fsmnet_jax.inference import data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet
 from fsmnet_jax.reporting import ProgressBar, new_figure
@@ -297,7 +297,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   """Evaluates `params` on `split` and writes the report files into `out_dir` (process 0 of a
   multi-host run: the others score their share); returns metrics.json's content. Refuses an
   existing `out_dir` unless `overwrite`."""
-  out_dir = Path(out_dir)
+  out_dir = as_path(out_dir)
   dataset = pipeline.underlying_dataset(config.data)
   if with_data_consistency and dataset in pipeline.MULTICOIL:
     shards_of = f' (shards of {dataset!r})' if dataset != config.data.dataset else ''

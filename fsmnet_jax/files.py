@@ -1,11 +1,42 @@
-"""Writing outputs without ever leaving a half-written file or losing an existing one; the cache folder."""
+"""Paths that may be object-store URLs; writing outputs without ever leaving a half-written file
+or losing an existing one; the cache folder.
+
+A command's workdir, checkpoint and outputs may be local or a `gs://` / `s3://` URL: `as_path`
+gives a URL as an `etils.epath.Path` (what orbax takes), whose backend (gcsfs, s3fs) talks to
+the store. Object stores have no rename and no append: outputs for a URL are written locally
+first and uploaded once complete (`write_together`), and files that grow (metrics, TensorBoard
+events, profiles) are written to a local `StagedFolder` and uploaded whole at each `sync`.
+"""
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from etils import epath
+
 Writer = Callable[[Path], None]
+
+
+# A local path, or the path of a URL, which talks to its store (and keeps the '//' that
+# pathlib would fold).
+StoragePath = Path | epath.Path
+
+
+def as_path(path: str | os.PathLike) -> StoragePath:
+  """`path` as a pathlib.Path, or for a URL (gs://bucket/run) as an etils.epath.Path."""
+  return epath.Path(path) if is_url(path) else Path(path)
+
+
+def absolute_path(path: str | os.PathLike) -> StoragePath:
+  """`as_path(path)`, made absolute if local (orbax wants absolute paths; a URL is one)."""
+  return as_path(path) if is_url(path) else Path(path).absolute()
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """True for an object-store URL (gs://, s3://, ...), False for a local path."""
+  return '://' in os.fspath(path)
 
 
 def default_cache_dir() -> Path:
@@ -14,44 +45,55 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'fsmnet-jax'
 
 
-def write_atomically(path: str | os.PathLike, write: Writer, overwrite: bool = False) -> Path:
+def write_atomically(path: str | os.PathLike, write: Writer, overwrite: bool = False
+                     ) -> StoragePath:
   """Calls `write(temporary_path)`, then moves the result (a file or a folder) to `path`.
 
   An existing `path` is refused unless `overwrite`; it is replaced only once the new output is
   complete, so an interrupted write leaves the old output intact and no partial one.
   """
-  path = Path(path)
   write_together({path: write}, overwrite)
-  return path
+  return as_path(path)
 
 
 def refuse_existing(paths: list[str | os.PathLike], overwrite: bool) -> None:
   """FileExistsError naming those of `paths` that exist, unless `overwrite` (also called
   before long work, so that it is not wasted)."""
-  existing = [str(path) for path in paths if Path(path).exists()]
+  existing = [os.fspath(path) for path in paths if as_path(path).exists()]
   if existing and not overwrite:
     raise FileExistsError(f'{", ".join(existing)}: already exists; pass --overwrite to replace '
                           f'{"them" if len(existing) > 1 else "it"}')
 
 
-def write_together(writers: dict[Path, Writer], overwrite: bool = False) -> None:
+def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = False) -> None:
   """`write_atomically` for outputs that belong together (an image and its mask): every one
   is written under a temporary name before any is moved into place, so an interruption
   leaves all the old outputs, or (bar the instant between two renames) all the new ones.
+
+  A URL's output is written to a local temporary folder, then uploaded: nothing reaches the
+  store unless every writer finished, but an upload cut short can leave part of it there.
   """
   refuse_existing(list(writers), overwrite)
   leftovers = []
   try:
     finished = []
     for path, write in writers.items():
-      path = Path(path)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      # The temporary names keep the suffixes: some writers pick the format from them (.nii.gz).
-      temporary = path.with_name(f'.partial-{os.getpid()}-{path.name}')
-      leftovers.append(temporary)
+      if is_url(path):
+        staging = Path(tempfile.mkdtemp(prefix='fsmnet-upload-'))
+        leftovers.append(staging)
+        temporary = staging / as_path(path).name
+      else:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary names keep the suffixes: some writers pick the format from them.
+        temporary = path.with_name(f'.partial-{os.getpid()}-{path.name}')
+        leftovers.append(temporary)
       write(temporary)
       finished.append((temporary, path))
     for temporary, path in finished:
+      if is_url(path):
+        _upload(temporary, as_path(path))
+        continue
       if path.exists():
         displaced = path.with_name(f'.old-{os.getpid()}-{path.name}')
         leftovers.append(displaced)
@@ -63,3 +105,58 @@ def write_together(writers: dict[Path, Writer], overwrite: bool = False) -> None
         shutil.rmtree(leftover)
       elif leftover.exists():
         leftover.unlink()
+
+
+def _upload(local: Path, destination: StoragePath) -> None:
+  """Copies a local file or folder to `destination` (a URL), replacing what is there."""
+  if destination.is_dir():
+    destination.rmtree()
+  elif destination.exists():
+    destination.unlink()
+  files = [local] if local.is_file() else sorted(p for p in local.rglob('*') if p.is_file())
+  for file in files:
+    target = destination if file == local else destination / file.relative_to(local).as_posix()
+    target.write_bytes(file.read_bytes())
+
+
+class StagedFolder:
+  """A folder for writers that append or need a local path (TensorBoard, jax.profiler,
+  metrics.jsonl): `local` is `destination` itself, or for a URL a local temporary folder whose
+  new and changed files `sync` uploads whole (object stores cannot append)."""
+
+  def __init__(self, destination: str | os.PathLike):
+    self.destination = as_path(destination)
+    self._remote = is_url(destination)
+    self.local = (Path(tempfile.mkdtemp(prefix='fsmnet-staged-')) if self._remote
+                  else Path(destination))
+    self._uploaded = {}  # local file -> (size, mtime) when last uploaded
+
+  def fetch(self, name: str) -> None:
+    """Copies `destination/name` into the local folder, if it exists (a file to append to)."""
+    if self._remote and (self.destination / name).exists():
+      local = self.local / name
+      local.parent.mkdir(parents=True, exist_ok=True)
+      local.write_bytes((self.destination / name).read_bytes())
+      self._uploaded[local] = _signature(local)
+
+  def sync(self) -> None:
+    if not self._remote:
+      return
+    for file in sorted(p for p in self.local.rglob('*') if p.is_file()):
+      if self._uploaded.get(file) != _signature(file):
+        (self.destination / file.relative_to(self.local).as_posix()).write_bytes(
+            file.read_bytes())
+        self._uploaded[file] = _signature(file)
+
+  def close(self) -> None:
+    """Uploads what changed and removes the local copy."""
+    if self._remote:
+      try:
+        self.sync()
+      finally:
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _signature(file: Path) -> tuple[int, int]:
+  stat = file.stat()
+  return stat.st_size, stat.st_mtime_ns

@@ -10,7 +10,6 @@ batch shape. `data_consistency` puts measured k-space samples back into a recons
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from fsmnet_jax import checkpoint as ckpt, conv, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import kspace, transforms
-from fsmnet_jax.files import default_cache_dir
+from fsmnet_jax.files import StoragePath, absolute_path, as_path, default_cache_dir
 from fsmnet_jax.model import FSMNet, abstract_params, infer_model_from_params
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
@@ -31,7 +30,7 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
                 use_spa_att: bool = False) -> tuple[dict[str, Any], FSMNet]:
   """(params as numpy, model) from a training workdir, a step folder or a variables folder;
   see `check_params` for `model`. (PyTorch files: `torch_port.checkpoint.load_params`.)"""
-  path = Path(checkpoint)
+  path = as_path(checkpoint)
   if path.suffix in TORCH_SUFFIXES:
     raise CheckpointError(f'{path}: a PyTorch checkpoint; read it with '
                           f'torch_port.checkpoint.load_params (the fsmnet-* commands do)')
@@ -51,7 +50,7 @@ def load_params(checkpoint: str | os.PathLike, model: FSMNet | None = None,
   return check_params(path, variables['params'], model, use_spa_att)
 
 
-def check_params(path: Path, params: dict[str, Any], model: FSMNet | None = None,
+def check_params(path: os.PathLike, params: dict[str, Any], model: FSMNet | None = None,
                  use_spa_att: bool = False) -> tuple[dict[str, Any], FSMNet]:
   """(params, model) once `params`, read from `path`, are finite and fit `model` (else a
   CheckpointError names `path` and the differences); without `model`, the model is the one
@@ -74,10 +73,10 @@ def check_params(path: Path, params: dict[str, Any], model: FSMNet | None = None
   return params, model
 
 
-def run_config_file(checkpoint: str | os.PathLike) -> Path | None:
+def run_config_file(checkpoint: str | os.PathLike) -> StoragePath | None:
   """The config.json of the training run that `checkpoint` (a workdir or one of its step
   folders) belongs to, if there is one."""
-  path = Path(checkpoint).absolute()
+  path = absolute_path(checkpoint)
   for folder in (path, path.parent, path.parent.parent):
     if (folder / RUN_CONFIG).is_file() and (folder / ckpt.TRAIN_CHECKPOINT_DIR).is_dir():
       return folder / RUN_CONFIG

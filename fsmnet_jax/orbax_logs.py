@@ -22,8 +22,8 @@ def passes_through_orbax(traceback: TracebackType | None) -> bool:
 
 
 def quiet_orbax_logs(show_tracebacks: bool = False) -> None:
-  """Hides orbax's INFO lines; its warnings and errors still show, as one line each unless
-  `show_tracebacks` (the caller reports the error itself)."""
+  """Hides orbax's INFO lines (and gcsfs's lines, of buckets); its warnings and errors still
+  show, as one line each unless `show_tracebacks` (the caller reports the error itself)."""
   handler = absl_logging.get_absl_handler()
   handler.addFilter(_not_orbax_chatter)
   if not show_tracebacks:
@@ -65,6 +65,10 @@ def hide_missing_step_metadata(record: logging.LogRecord) -> bool:
 
 
 def _not_orbax_chatter(record: logging.LogRecord) -> bool:
+  # gcsfs (buckets) logs a line per file it reads, and each failed request with its traceback:
+  # the failure reaches the caller as an exception, reported there as one line.
+  if '/gcsfs/' in record.pathname:
+    return False
   return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from fsmnet_jax.files import StagedFolder
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -34,14 +36,16 @@ def new_figure(size: tuple[float, float]) -> Any:
 
 class MetricWriter:
   """Scalars to TensorBoard event files and to `workdir/metrics.jsonl` (one JSON object per
-  line: {"step": N, name: value, ...}). Only process 0 writes; the others call it for nothing."""
+  line: {"step": N, name: value, ...}); a workdir in a bucket gets both uploaded at each write.
+  Only process 0 writes; the others call it for nothing."""
 
   def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
     self._enabled = enabled
     if enabled:
-      workdir = Path(workdir)
-      self._tensorboard = _summary_writer_class()(str(workdir / TENSORBOARD_DIR))
-      self._jsonl = open(workdir / METRICS_FILE, 'a')
+      self._folder = StagedFolder(workdir)
+      self._folder.fetch(METRICS_FILE)  # a resumed run appends to it
+      self._tensorboard = _summary_writer_class()(str(self._folder.local / TENSORBOARD_DIR))
+      self._jsonl = open(self._folder.local / METRICS_FILE, 'a')
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._enabled:
@@ -55,11 +59,13 @@ class MetricWriter:
     self._jsonl.write(json.dumps({'step': step, **printable}) + '\n')
     self._jsonl.flush()
     self._tensorboard.flush()
+    self._folder.sync()
 
   def close(self) -> None:
     if self._enabled:
       self._tensorboard.close()
       self._jsonl.close()
+      self._folder.close()
 
 
 def _summary_writer_class() -> type:

@@ -10,11 +10,10 @@ kill -9) resumes from the latest complete checkpoint in `workdir` and continues 
 import functools
 import json
 import logging
+import os
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -27,9 +26,9 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
-from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints
+from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints, describe_error
 from fsmnet_jax.data import pipeline
-from fsmnet_jax.files import write_atomically
+from fsmnet_jax.files import StagedFolder, StoragePath, as_path, write_atomically
 from fsmnet_jax.model import (MODEL_NAMES, abstract_params, build_model, init_variables,
                               size_multiple)
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
@@ -292,7 +291,7 @@ class _NonFiniteGuard:
   `max_consecutive` skips in a row (a diverged run, not a bad batch).
   """
 
-  def __init__(self, policy: str, max_consecutive: int, source: Any, checkpoint_dir: Path):
+  def __init__(self, policy: str, max_consecutive: int, source: Any, checkpoint_dir: StoragePath):
     self._policy, self._max_consecutive = policy, max_consecutive
     self._source, self._checkpoint_dir = source, checkpoint_dir
     self._pending, self._consecutive = None, 0
@@ -364,14 +363,17 @@ class _StopRequest:
 
 class _Profile:
   """A `jax.profiler` trace of the steps `steps` = (first, last) (empty: none) in
-  WORKDIR/profile, which TensorBoard's profile plugin opens."""
+  WORKDIR/profile, which TensorBoard's profile plugin opens. (The profiler writes local
+  files: a workdir in a bucket gets the trace uploaded once it is complete.)"""
 
-  def __init__(self, steps: tuple[int, ...], workdir: Path):
-    self._steps, self._directory, self._tracing = tuple(steps), workdir / PROFILE_DIR, False
+  def __init__(self, steps: tuple[int, ...], workdir: StoragePath):
+    self._steps, self._tracing = tuple(steps), False
+    self._directory = workdir / PROFILE_DIR
+    self._folder = StagedFolder(self._directory) if self._steps else None
 
   def before(self, step: int) -> None:
     if self._steps and step == self._steps[0]:
-      jax.profiler.start_trace(str(self._directory))
+      jax.profiler.start_trace(str(self._folder.local))
       self._tracing = True
 
   def after(self, step: int, state: Any) -> None:
@@ -384,19 +386,26 @@ class _Profile:
       jax.profiler.stop_trace()
       self._tracing = False
       logging.info('profile of steps %d-%d written to %s', *self._steps, self._directory)
+    if self._folder is not None:
+      self._folder.close()
+      self._folder = None
 
 
-def _check_writable(workdir: Path) -> None:
-  """Fails before any compute if checkpoints cannot be written in `workdir`."""
+def _check_writable(workdir: StoragePath) -> None:
+  """Fails before any compute if checkpoints cannot be written in `workdir` (a folder, or a
+  bucket URL: no such bucket, no credentials, unreachable)."""
+  probe = workdir / TRAIN_CHECKPOINT_DIR / f'.write-check-{os.getpid()}'
   try:
-    (workdir / TRAIN_CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=workdir / TRAIN_CHECKPOINT_DIR).close()
-  except OSError as e:
-    raise ConfigError(f'--workdir {workdir}: cannot write checkpoints there '
-                      f'({e.strerror or e})') from e
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b'')
+    probe.unlink()
+  except Exception as e:  # OSError, or what the store's client raises for it
+    reason = getattr(e, 'strerror', None) or describe_error(e)
+    raise ConfigError(f'--workdir {workdir}: cannot write checkpoints there ({reason})') from e
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: Path, start_step: int) -> None:
+def _save_config(config: ml_collections.ConfigDict, workdir: StoragePath, start_step: int
+                 ) -> None:
   """config.json at the first start; a resume with other settings adds config.step_N.json."""
   text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
   path = workdir / 'config.json'
@@ -408,8 +417,9 @@ def _save_config(config: ml_collections.ConfigDict, workdir: Path, start_step: i
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates every
-  `config.eval.every` steps and at the end; returns the last evaluation's metrics."""
-  workdir = Path(workdir)
+  `config.eval.every` steps and at the end; returns the last evaluation's metrics. `workdir`
+  may be a bucket URL (gs://, s3://)."""
+  workdir = as_path(workdir)
   mesh = make_mesh(config)
   check_config(config, mesh)
   _check_writable(workdir)

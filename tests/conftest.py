@@ -66,7 +66,7 @@ def pytest_configure(config):
 # whichever is free: the heaviest (~10, ~11 and ~6 min summed on a 2-core Zen 3) start first.
 SLOWEST_FILES = ('test_train.py', 'test_parity.py', 'test_train_resume.py', 'test_bench.py',
                  'test_model.py', 'test_inference.py', 'test_train_parity.py',
-                 'test_parity_cli.py',
+                 'test_parity_cli.py', 'test_object_store.py',
                  'test_train_step.py', 'test_bad_input.py', 'test_export.py',
                  'test_demo_data.py')
 

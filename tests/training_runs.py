@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fsmnet_jax.files import absolute_path, as_path
 from fsmnet_jax.model import FSMNet, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def free_port() -> int:
 
 
 def saved_steps(workdir: Path) -> list[int]:
-  folder = workdir / 'checkpoints'
+  folder = as_path(workdir) / 'checkpoints'
   if not folder.is_dir():
     return []
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
@@ -106,7 +107,7 @@ def saved_steps(workdir: Path) -> list[int]:
 
 def saved_state(workdir: Path, step: int | None = None) -> dict:
   """The saved train state as numpy (whatever devices saved it)."""
-  path = (workdir / 'checkpoints' / str(step or saved_steps(workdir)[-1]) / 'state').absolute()
+  path = absolute_path(workdir) / 'checkpoints' / str(step or saved_steps(workdir)[-1]) / 'state'
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(path).item_metadata.tree
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)

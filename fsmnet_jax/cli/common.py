@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from fsmnet_jax import configs, inference
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import DataError, pipeline
+from fsmnet_jax.files import as_path
 from fsmnet_jax.model import FSMNet, build_model
 from fsmnet_jax.orbax_logs import hide_orbax_logs
 
@@ -203,7 +204,7 @@ def load_model(checkpoint: Path, config_file: Path | None, default_config: str
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   """--checkpoint, --config, --overwrite and --debug of the commands that load a model."""
-  parser.add_argument('--checkpoint', type=Path, required=True,
+  parser.add_argument('--checkpoint', type=as_path, required=True,
                       help='training workdir (latest step), step folder, variables folder, or '
                            'PyTorch .pth/.pt/.safetensors (needs torch)')
   parser.add_argument('--config', type=Path,

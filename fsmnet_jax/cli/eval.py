@@ -13,7 +13,6 @@ folder, or a reference PyTorch .pth/.pt/.safetensors (converted on the fly; need
 """
 
 import logging
-from pathlib import Path
 
 from absl import flags
 import jax
@@ -22,6 +21,7 @@ from ml_collections import config_flags
 from fsmnet_jax import evaluate, inference
 from fsmnet_jax.cli import distributed
 from fsmnet_jax.cli.common import load_params, run_absl_app
+from fsmnet_jax.files import StoragePath, as_path
 from fsmnet_jax.model import build_model
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
 
@@ -42,7 +42,7 @@ flags.mark_flags_as_required(['config', 'checkpoint'])
 FLAGS = flags.FLAGS
 
 
-def default_out_dir(checkpoint: Path, split: str) -> Path:
+def default_out_dir(checkpoint: StoragePath, split: str) -> StoragePath:
   """WORKDIR/eval_SPLIT for a training run's checkpoint, else a sibling of the checkpoint."""
   run_config = inference.run_config_file(checkpoint)
   if run_config is not None:
@@ -57,8 +57,8 @@ def _setup() -> None:
 
 
 def _evaluate() -> None:
-  config, checkpoint = FLAGS.config, Path(FLAGS.checkpoint)
-  out = Path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
+  config, checkpoint = FLAGS.config, as_path(FLAGS.checkpoint)
+  out = as_path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
   params, model = load_params(checkpoint, build_model(config))
   report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
                              FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))

@@ -6,10 +6,10 @@ The model settings come from `--config`, the training run's config.json, or the 
 
 import argparse
 import sys
-from pathlib import Path
 
 from fsmnet_jax import export
 from fsmnet_jax.cli.common import add_model_arguments, load_model, run_command
+from fsmnet_jax.files import as_path
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                   'of (batch, H, W) float32 zero-filled target and reference intensities '
                   'returning the reconstruction, runnable without the model code.')
   add_model_arguments(parser)
-  parser.add_argument('--out', type=Path, required=True, help='artifact file to write')
+  parser.add_argument('--out', type=as_path, required=True, help='artifact file to write')
   parser.add_argument('--image-size', type=int, default=0,
                       help='slice side H = W (default: config.data.image_size)')
   parser.add_argument('--batch-size', type=int, default=0,

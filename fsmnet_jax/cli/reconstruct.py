@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fsmnet_jax import inference, reconstruct
 from fsmnet_jax.cli.common import add_model_arguments, load_model, run_command
+from fsmnet_jax.files import as_path
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                            'k-space and NIfTI)')
   parser.add_argument('--batch-size', type=int, default=8,
                       help='slices per step, split over the local devices')
-  parser.add_argument('--out', type=Path, required=True,
+  parser.add_argument('--out', type=as_path, required=True,
                       help='output: .nii/.nii.gz (keeps a NIfTI input\'s affine and header) or, '
                            'from k-space, .h5 with a "reconstruction" dataset')
   return run_command('fsmnet-reconstruct', parser, _reconstruct, argv)

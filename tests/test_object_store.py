@@ -1,0 +1,147 @@
+"""A workdir in a bucket: fsmnet-train killed with SIGKILL and resumed bit for bit, fsmnet-eval
+reading it and writing its report there, and a bucket that cannot be written refused before any
+work. The store is a real one served by this test: gcp-storage-emulator's Google Cloud Storage
+JSON API, which gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays) both speak."""
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+
+from fsmnet_jax import checkpoint
+from fsmnet_jax.files import as_path
+from training_runs import (REPO, SPATIAL_ONLY, assert_bitwise_equal, cli_command, cli_env,
+                           free_port, saved_state, train_run)
+
+# gcsfs is imported by the first gs:// path, once the fixture below has set its environment.
+if importlib.util.find_spec('gcsfs') is None:
+  pytest.skip('gs:// needs gcsfs (the dev extra installs it)', allow_module_level=True)
+emulator = pytest.importorskip('gcp_storage_emulator.server')
+from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=wrong-import-position
+from gcp_storage_emulator.handlers import objects  # pylint: disable=wrong-import-position
+
+BUCKET = 'fsmnet-test'
+
+
+def _download_with_generation(download):
+  """The emulator's object download, with the generation headers Cloud Storage sends and
+  tensorstore requires ('Malformed StorageGeneration' without them)."""
+  def patched(request, response, storage, *args, **kwargs):
+    try:
+      saved = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(saved['generation'])
+      response['x-goog-metageneration'] = str(saved['metageneration'])
+    except NotFound:
+      pass
+    return download(request, response, storage, *args, **kwargs)
+  return patched
+
+
+@pytest.fixture(scope='module')
+def store_env():
+  """The environment that points this process and the commands at a store served here."""
+  url = f'http://127.0.0.1:{free_port()}'
+  # gcsfs: no credentials to look for, and no listings cached (this process reads what the
+  # commands write meanwhile).
+  gcsfs_options = {'token': 'anon', 'use_listings_cache': False}
+  env = {'STORAGE_EMULATOR_HOST': url,  # gcsfs
+         'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'anonymous',
+         'FSSPEC_GCS': json.dumps(gcsfs_options),
+         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}  # a gRPC API the emulator lacks
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(objects, 'download', _download_with_generation(objects.download))
+    for name, value in env.items():
+      patch.setenv(name, value)
+    patch.setitem(fsspec.config.conf, 'gcs', gcsfs_options)  # read from the environment at import
+    server = emulator.create_server('127.0.0.1', int(url.rsplit(':', 1)[1]), in_memory=True,
+                                    default_bucket=BUCKET)
+    server.start()
+    try:
+      yield env
+    finally:
+      server.stop()
+
+
+def _bucket_run(workdir, data_root, cache, env, *overrides, **kwargs):
+  return subprocess.run(cli_command(workdir, data_root, *overrides, **kwargs),
+                        env={**cli_env(1, cache), **env}, capture_output=True, text=True,
+                        timeout=900, cwd=REPO)
+
+
+def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_root,
+                                                                compile_cache, store_env):
+  local = tmp_path / 'local'
+  train_run(local, data_root, compile_cache)  # six steps, uninterrupted
+  workdir = f'gs://{BUCKET}/runs/tiny'
+  steps = as_path(workdir) / checkpoint.TRAIN_CHECKPOINT_DIR
+  log = tmp_path / 'killed.txt'
+  with open(log, 'w') as stderr:
+    process = subprocess.Popen(
+        cli_command(workdir, data_root, '--config.train.checkpoint_every=1',
+                    '--config.train.num_steps=1000'),
+        env={**cli_env(1, compile_cache), **store_env}, stdout=subprocess.DEVNULL,
+        stderr=stderr, cwd=REPO)
+  deadline = time.monotonic() + 600
+  while not (steps / '2' / 'commit_success.txt').exists():
+    assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+    time.sleep(0.1)
+  time.sleep(random.Random(0).uniform(0, 1))
+  process.kill()
+  assert process.wait() == -9
+  killed_at = int(checkpoint.latest_train_step(workdir).name)
+  assert 2 <= killed_at < 6
+
+  resumed = _bucket_run(workdir, data_root, compile_cache, store_env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resumed from {steps} at step {killed_at}' in resumed.stderr
+  assert 'Traceback' not in resumed.stderr
+  assert checkpoint.latest_train_step(workdir).name == '6'
+  assert_bitwise_equal(saved_state(workdir, 6), saved_state(local, 6))
+  # What the run logged, in the bucket: metrics of every step (those after the last checkpoint
+  # the killed start made again), its config and TensorBoard's events.
+  logged = [json.loads(line) for line in (as_path(workdir) / 'metrics.jsonl').read_text()
+            .splitlines()]
+  assert {m['step'] for m in logged if 'train_loss' in m} == set(range(1, 7))
+  assert json.loads((as_path(workdir) / 'config.json').read_text())['data']['root'] == str(
+      data_root)
+  assert list((as_path(workdir) / 'tensorboard').glob('events.out.tfevents.*'))
+
+  # fsmnet-eval reads the bucket's latest step and writes its report beside it, as it does
+  # for the local run.
+  evaluate = [sys.executable, '-m', 'fsmnet_jax.cli.eval', '--config',
+              str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}',
+              '--config.eval.batch_size=8', *SPATIAL_ONLY, '--num_panels=1']
+  for run in (workdir, local):
+    done = subprocess.run([*evaluate, f'--checkpoint={run}'], capture_output=True, text=True,
+                          env={**cli_env(1, compile_cache), **store_env}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+  reports = [json.loads((as_path(run) / 'eval_test' / 'metrics.json').read_text())
+             for run in (workdir, local)]
+  assert reports[0].pop('checkpoint') == workdir
+  reports[1].pop('checkpoint')
+  assert reports[0] == reports[1]
+  assert (as_path(workdir) / 'eval_test' / 'panels').is_dir()
+
+
+@pytest.mark.parametrize('where, reason', [
+    ('gs://no-such-bucket/run', 'FileNotFoundError'),  # the store answers 404
+    ('unreachable', 'Connect call failed'),
+])
+def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, data_root, compile_cache, store_env, where, reason):
+  env = dict(store_env)
+  if where == 'unreachable':
+    where = f'gs://{BUCKET}/run'
+    env['STORAGE_EMULATOR_HOST'] = f'http://127.0.0.1:{free_port()}'  # nobody listens
+  started = time.monotonic()
+  result = _bucket_run(where, data_root, compile_cache, env)
+  assert result.returncode == 2, result.stderr[-3000:]
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith(f'fsmnet-train: error: --workdir {where}: cannot write checkpoints '
+                         f'there (') and reason in line, line
+  assert time.monotonic() - started < 60
