@@ -1,7 +1,8 @@
-"""A workdir in a bucket: fsmnet-train killed with SIGKILL and resumed bit for bit, fsmnet-eval
-reading it and writing its report there, and a bucket that cannot be written refused before any
-work. The store is a real one served by this test: gcp-storage-emulator's Google Cloud Storage
-JSON API, which gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays) both speak."""
+"""A workdir and data in a bucket: fsmnet-train killed with SIGKILL and resumed bit for bit,
+fsmnet-eval reading it and writing its report there, and a bucket that cannot be written refused
+before any work. The store is a real one served by this test: gcp-storage-emulator's Google
+Cloud Storage JSON API, which gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays)
+both speak."""
 
 import importlib.util
 import json
@@ -14,6 +15,8 @@ import fsspec
 import pytest
 
 from fsmnet_jax import checkpoint
+from fsmnet_jax.configs import tiny
+from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.files import as_path
 from training_runs import (REPO, SPATIAL_ONLY, assert_bitwise_equal, cli_command, cli_env,
                            free_port, saved_state, train_run)
@@ -73,16 +76,28 @@ def _bucket_run(workdir, data_root, cache, env, *overrides, **kwargs):
                         timeout=900, cwd=REPO)
 
 
+def _upload(folder, url):
+  for file in folder.rglob('*'):
+    if file.is_file():
+      (as_path(url) / file.relative_to(folder).as_posix()).write_bytes(file.read_bytes())
+
+
 def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_root,
                                                                 compile_cache, store_env):
+  """Its data too (the demo's BraTS layout; the split written there), and the run equals the
+  run of the local files."""
   local = tmp_path / 'local'
   train_run(local, data_root, compile_cache)  # six steps, uninterrupted
+  bucket_data = f'gs://{BUCKET}/data'
+  _upload(data_root / 'brats', f'{bucket_data}/brats')
+  in_bucket = (f'--config.data.root={bucket_data}',
+               f'--config.data.split_file={bucket_data}/split.json')
   workdir = f'gs://{BUCKET}/runs/tiny'
   steps = as_path(workdir) / checkpoint.TRAIN_CHECKPOINT_DIR
   log = tmp_path / 'killed.txt'
   with open(log, 'w') as stderr:
     process = subprocess.Popen(
-        cli_command(workdir, data_root, '--config.train.checkpoint_every=1',
+        cli_command(workdir, data_root, *in_bucket, '--config.train.checkpoint_every=1',
                     '--config.train.num_steps=1000'),
         env={**cli_env(1, compile_cache), **store_env}, stdout=subprocess.DEVNULL,
         stderr=stderr, cwd=REPO)
@@ -96,7 +111,7 @@ def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_ro
   killed_at = int(checkpoint.latest_train_step(workdir).name)
   assert 2 <= killed_at < 6
 
-  resumed = _bucket_run(workdir, data_root, compile_cache, store_env)
+  resumed = _bucket_run(workdir, data_root, compile_cache, store_env, *in_bucket)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resumed from {steps} at step {killed_at}' in resumed.stderr
   assert 'Traceback' not in resumed.stderr
@@ -107,8 +122,10 @@ def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_ro
   logged = [json.loads(line) for line in (as_path(workdir) / 'metrics.jsonl').read_text()
             .splitlines()]
   assert {m['step'] for m in logged if 'train_loss' in m} == set(range(1, 7))
-  assert json.loads((as_path(workdir) / 'config.json').read_text())['data']['root'] == str(
-      data_root)
+  assert json.loads((as_path(workdir) / 'config.json').read_text())['data']['root'] == (
+      bucket_data)
+  split = json.loads(as_path(f'{bucket_data}/split.json').read_text())
+  assert len(split['train']) == 3 and len(split['test']) == 1
   assert list((as_path(workdir) / 'tensorboard').glob('events.out.tfevents.*'))
 
   # fsmnet-eval reads the bucket's latest step and writes its report beside it, as it does
@@ -145,3 +162,13 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
   assert line.startswith(f'fsmnet-train: error: --workdir {where}: cannot write checkpoints '
                          f'there (') and reason in line, line
   assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize('dataset', ['ixi', 'fastmri', 'm4raw', 'prepared'])
+def test_data_sets_read_from_local_paths_refuse_a_bucket_by_name(dataset):
+  config = tiny.get_config()
+  config.data.dataset, config.data.root = dataset, f'gs://{BUCKET}/{dataset}'
+  with pytest.raises(DataError, match=(
+      rf"^config.data.root=gs://{BUCKET}/{dataset}: '{dataset}' data is read from local paths "
+      r'only \(from a bucket: demo, brats, nifti_pairs\); mount the bucket')):
+    pipeline.make_source(config, 'train')

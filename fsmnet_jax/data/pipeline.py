@@ -22,9 +22,12 @@ import numpy as np
 
 from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, masks, shards,
                              transforms, volumes)
+from fsmnet_jax.files import as_path, is_url
 
 DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw',
             'prepared')
+# Data sets whose root may be a bucket URL (their NIfTI files are read through etils.epath).
+READ_FROM_BUCKETS = ('demo', 'brats', 'nifti_pairs')
 MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the coils'
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
@@ -258,7 +261,11 @@ class Undersample(grain.RandomMapTransform):
 def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAccessDataSource:
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
-  root = Path(data.root)
+  root = as_path(data.root)
+  if is_url(root) and data.dataset not in READ_FROM_BUCKETS:
+    raise DataError(f'config.data.root={data.root}: {data.dataset!r} data is read from local '
+                    f'paths only (from a bucket: {", ".join(READ_FROM_BUCKETS)}); mount the '
+                    'bucket (e.g. gcsfuse) and give the mount point')
   if data.dataset == 'prepared':
     return PreparedSlices(config, split)
   if data.dataset in NIFTI:
@@ -302,7 +309,7 @@ def unread_settings(data: ml_collections.ConfigDict, defaults: ml_collections.Co
 def volume_pairs(data: ml_collections.ConfigDict) -> tuple[list[volumes.VolumePair], bool]:
   """The NIfTI pairs of a NIfTI data set, and whether a reference on another voxel grid than
   its target is aligned by the headers (IXI's T1; your own pairs) or refused (BraTS)."""
-  root = Path(data.root)
+  root = as_path(data.root)
   if data.dataset == 'demo':
     return brats.find_subjects(root / 'brats'), False
   if data.dataset == 'brats':

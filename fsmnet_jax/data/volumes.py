@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from fsmnet_jax.data import DataError, transforms
-from fsmnet_jax.files import default_cache_dir, write_atomically
+from fsmnet_jax.files import StoragePath, as_path, default_cache_dir, is_url, write_atomically
 
 # Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
 MIN_SLICE_SIZE = 8
@@ -36,8 +37,8 @@ GRID_TOLERANCE_MM = 1e-3
 class VolumePair:
   """One subject's target volume and the reference volume that guides its reconstruction."""
   name: str
-  target: Path
-  reference: Path
+  target: StoragePath
+  reference: StoragePath
 
 
 def find_in_subject_folders(root: str | os.PathLike, target: Callable[[str], bool],
@@ -45,8 +46,9 @@ def find_in_subject_folders(root: str | os.PathLike, target: Callable[[str], boo
                             reference_label: str) -> list[VolumePair]:
   """The pair of every subject folder under `root`, sorted by name, the files chosen by their
   names. Folders with neither are ignored; a folder with only one, or with two candidates for
-  one, is an error naming the folder and the files (labels say what was looked for)."""
-  root = Path(root)
+  one, is an error naming the folder and the files (labels say what was looked for). `root`
+  may be a bucket URL."""
+  root = as_path(root)
   if not root.is_dir():
     raise DataError(f'{root}: no such data folder')
   pairs = []
@@ -80,14 +82,19 @@ def find_glob_pairs(root: str | os.PathLike, target_glob: str, reference_glob: s
       f'target volume ({target_glob})', f'reference volume ({reference_glob})')
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: StoragePath) -> tuple[np.ndarray, np.ndarray]:
   """(voxels, affine) of a NIfTI file: a finite real 3-D float32 volume, else a DataError
-  naming the file and the problem."""
+  naming the file and the problem. A file in a bucket is copied to a local temporary folder
+  to be read (nibabel reads files; `cached_pair` keeps the decoded result)."""
   try:
-    image = nib.load(str(path))
-    shape, dtype = image.shape, image.get_data_dtype()
-    if 0 not in shape and dtype.kind in 'biuf':
-      data = np.asarray(image.dataobj, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix='fsmnet-volume-') as folder:
+      local = Path(folder) / path.name if is_url(path) else path
+      if is_url(path):
+        local.write_bytes(path.read_bytes())
+      image = nib.load(str(local))
+      shape, dtype = image.shape, image.get_data_dtype()
+      if 0 not in shape and dtype.kind in 'biuf':
+        data = np.asarray(image.dataobj, dtype=np.float32)
   except Exception as e:  # nibabel raises many types for damaged files
     raise DataError(f'{path}: not a readable NIfTI volume ({type(e).__name__}: '
                     f'{str(e).splitlines()[0][:160] if str(e) else "truncated?"})') from e
@@ -204,8 +211,7 @@ def cached_pair(pair: VolumePair, image_size: int, percentile: float, align_by_h
   over. The decoded volumes are cached once as .npy, keyed by the files' paths, sizes and
   modification times and by the preprocessing, so a changed file is decoded again.
   """
-  stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-           for p in (pair.reference, pair.target)]
+  stats = [_file_identity(p) for p in (pair.reference, pair.target)]
   # Pairs that are not aligned keep the key of before alignment existed: BraTS caches stay valid.
   settings = [stats, image_size, percentile] + (['aligned'] if align_by_headers else [])
   key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:16]
@@ -214,6 +220,15 @@ def cached_pair(pair: VolumePair, image_size: int, percentile: float, align_by_h
     volumes = np.stack(prepare_pair(pair, image_size, percentile, align_by_headers))
     write_atomically(path, lambda tmp: np.save(tmp, volumes), overwrite=True)
   return np.load(path, mmap_mode='r')
+
+
+def _file_identity(path: StoragePath) -> tuple[str, int, int]:
+  """(path, size, modification time): what tells a file from its next version."""
+  if is_url(path):
+    stat = path.stat()
+    return str(path), stat.length, stat.mtime
+  stat = path.stat()
+  return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _file_safe(name: str) -> str:
@@ -244,9 +259,9 @@ def split_subjects(names: list[str], test_fraction: float, seed: int,
   """Subject-level train/test split of `names`, seeded. With `split_file`: read it if it exists
   (and check that its subjects are present), else write it, so the split never changes
   silently."""
-  if split_file is not None and Path(split_file).exists():
+  if split_file is not None and as_path(split_file).exists():
     try:
-      split = json.loads(Path(split_file).read_text())
+      split = json.loads(as_path(split_file).read_text())
       assigned = split['train'] + split['test']
     except (ValueError, KeyError, TypeError) as e:
       raise DataError(f'{split_file}: not a split file ({e})') from e
