@@ -12,11 +12,13 @@ import sys
 import time
 
 import fsspec
+import numpy as np
 import pytest
 
 from fsmnet_jax import checkpoint
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.data import DataError, pipeline
+from fsmnet_jax.data.demo import LAYOUT_SETTINGS
 from fsmnet_jax.files import as_path
 from training_runs import (REPO, SPATIAL_ONLY, assert_bitwise_equal, cli_command, cli_env,
                            free_port, saved_state, train_run)
@@ -76,20 +78,41 @@ def _bucket_run(workdir, data_root, cache, env, *overrides, **kwargs):
                         timeout=900, cwd=REPO)
 
 
-def _upload(folder, url):
-  for file in folder.rglob('*'):
+@pytest.fixture(scope='module')
+def bucket_data(data_root, store_env):
+  """The demo data (every layout) copied into the bucket; its URL."""
+  url = f'gs://{BUCKET}/data'
+  for file in data_root.rglob('*'):
     if file.is_file():
-      (as_path(url) / file.relative_to(folder).as_posix()).write_bytes(file.read_bytes())
+      (as_path(url) / file.relative_to(data_root).as_posix()).write_bytes(file.read_bytes())
+  return url
 
 
-def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_root,
+@pytest.mark.parametrize('layout', ['nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw'])
+def test_a_data_set_in_a_bucket_gives_the_slices_of_its_files(tmp_path, data_root, bucket_data,
+                                                              layout):
+  sources = []
+  for root in (str(data_root), bucket_data):
+    config = tiny.get_config()
+    config.data.update({key: f'{root}/{value}' if key.endswith(('root', 'pairs')) else value
+                        for key, value in LAYOUT_SETTINGS[layout].items()})
+    config.data.cache_dir = str(tmp_path / 'cache')
+    sources.append(pipeline.make_source(config, 'train'))
+  local, remote = sources
+  assert repr(remote) == repr(local) and len(local) > 1
+  for index in (0, len(local) - 1):
+    expected, read = local[index], remote[index]
+    assert sorted(read) == sorted(expected)
+    for key, value in expected.items():
+      np.testing.assert_array_equal(read[key], value, err_msg=key)
+
+
+def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_root, bucket_data,
                                                                 compile_cache, store_env):
   """Its data too (the demo's BraTS layout; the split written there), and the run equals the
   run of the local files."""
   local = tmp_path / 'local'
   train_run(local, data_root, compile_cache)  # six steps, uninterrupted
-  bucket_data = f'gs://{BUCKET}/data'
-  _upload(data_root / 'brats', f'{bucket_data}/brats')
   in_bucket = (f'--config.data.root={bucket_data}',
                f'--config.data.split_file={bucket_data}/split.json')
   workdir = f'gs://{BUCKET}/runs/tiny'
@@ -164,11 +187,12 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
   assert time.monotonic() - started < 60
 
 
-@pytest.mark.parametrize('dataset', ['ixi', 'fastmri', 'm4raw', 'prepared'])
+@pytest.mark.parametrize('dataset', ['ixi', 'prepared'])
 def test_data_sets_read_from_local_paths_refuse_a_bucket_by_name(dataset):
   config = tiny.get_config()
   config.data.dataset, config.data.root = dataset, f'gs://{BUCKET}/{dataset}'
   with pytest.raises(DataError, match=(
       rf"^config.data.root=gs://{BUCKET}/{dataset}: '{dataset}' data is read from local paths "
-      r'only \(from a bucket: demo, brats, nifti_pairs\); mount the bucket')):
+      r'only \(from a bucket: demo, brats, nifti_pairs, fastmri, fastmri_multicoil, m4raw\); '
+      r'mount the bucket')):
     pipeline.make_source(config, 'train')

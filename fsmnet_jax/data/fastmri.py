@@ -8,16 +8,18 @@ root-sum-of-squares of the coil images), center-cropped to the reconstruction si
 knee data: the crop also removes the readout's 2x oversampling).
 """
 
+import contextlib
 import csv
 import dataclasses
 import os
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
 
 from fsmnet_jax.data import DataError
+from fsmnet_jax.files import StoragePath, as_path, is_url
 
 ISMRMRD_NAMESPACE = {'m': 'http://www.ismrm.org/ISMRMRD'}
 
@@ -27,15 +29,27 @@ class KspacePair:
   """One subject's target and reference k-space files, slice by slice: each a tuple of
   repetitions (averaged; fastMRI has one)."""
   subject: str
-  target: tuple[Path, ...]
-  reference: tuple[Path, ...]
+  target: tuple[StoragePath, ...]
+  reference: tuple[StoragePath, ...]
   num_slices: int
 
 
-def read_header(path: Path) -> dict[str, tuple[int, int]]:
+@contextlib.contextmanager
+def _open_h5(path: StoragePath) -> Iterator[h5py.File]:
+  """The h5 file at `path`, or in a bucket read through a file object (each read a range
+  request; gcsfs reads ahead in blocks)."""
+  if not is_url(path):
+    with h5py.File(path, 'r') as f:
+      yield f
+    return
+  with path.open('rb') as raw, h5py.File(raw, 'r') as f:
+    yield f
+
+
+def read_header(path: StoragePath) -> dict[str, tuple[int, int]]:
   """Encoded and reconstruction matrix sizes (x, y) from the file's ISMRMRD header."""
   try:
-    with h5py.File(path, 'r') as f:
+    with _open_h5(path) as f:
       root = ElementTree.fromstring(f['ismrmrd_header'][()])
     sizes = {}
     for key, space in (('encoding_size', 'encodedSpace'), ('recon_size', 'reconSpace')):
@@ -47,12 +61,12 @@ def read_header(path: Path) -> dict[str, tuple[int, int]]:
     raise DataError(f'{path}: no readable ISMRMRD header ({type(e).__name__}: {e})') from e
 
 
-def kspace_shape(path: Path, multicoil: bool = False) -> tuple[int, ...]:
+def kspace_shape(path: StoragePath, multicoil: bool = False) -> tuple[int, ...]:
   """The shape of the file's complex `kspace`: (slices, [coils,] rows, cols)."""
   layout, dims = (('(slices, coils, rows, cols) for multi-coil', 4) if multicoil else
                   ('(slices, rows, cols) for single-coil', 3))
   try:
-    with h5py.File(path, 'r') as f:
+    with _open_h5(path) as f:
       volume = f['kspace']
       if volume.ndim != dims or not np.issubdtype(volume.dtype, np.complexfloating):
         raise DataError(f'{path}: "kspace" must be complex {layout} data; got {volume.dtype} '
@@ -65,29 +79,28 @@ def kspace_shape(path: Path, multicoil: bool = False) -> tuple[int, ...]:
 def read_pairs(csv_file: str | os.PathLike, root: str | os.PathLike, multicoil: bool = False
                ) -> list[KspacePair]:
   """The PD/PDFS pairs listed in `csv_file`, resolved under `root` (PDFS the target)."""
-  csv_file, root = Path(csv_file), Path(root)
+  csv_file, root = as_path(csv_file), as_path(root)
   if not csv_file.is_file():
     raise DataError(f'{csv_file}: no such pairs file')
   pairs = []
-  with open(csv_file, newline='') as f:
-    for line, row in enumerate(csv.reader(f), start=1):
-      if len(row) < 2:
-        raise DataError(f'{csv_file}:{line}: expected "PD file, PDFS file, ..."; got {row}')
-      pd, pdfs = (root / f'{name.strip()}.h5' for name in row[:2])
-      for path in (pd, pdfs):
-        if not path.is_file():
-          raise DataError(f'{csv_file}:{line}: {path} does not exist')
-      pairs.append(KspacePair(pdfs.stem, (pdfs,), (pd,), min(
-          kspace_shape(pd, multicoil)[0], kspace_shape(pdfs, multicoil)[0])))
+  for line, row in enumerate(csv.reader(csv_file.read_text().splitlines()), start=1):
+    if len(row) < 2:
+      raise DataError(f'{csv_file}:{line}: expected "PD file, PDFS file, ..."; got {row}')
+    pd, pdfs = (root / f'{name.strip()}.h5' for name in row[:2])
+    for path in (pd, pdfs):
+      if not path.is_file():
+        raise DataError(f'{csv_file}:{line}: {path} does not exist')
+    pairs.append(KspacePair(pdfs.stem, (pdfs,), (pd,), min(
+        kspace_shape(pd, multicoil)[0], kspace_shape(pdfs, multicoil)[0])))
   if not pairs:
     raise DataError(f'{csv_file}: lists no pairs')
   return pairs
 
 
-def read_kspace_slice(path: Path, index: int) -> np.ndarray:
+def read_kspace_slice(path: StoragePath, index: int) -> np.ndarray:
   """One complex ([coils,] rows, cols) k-space slice."""
   try:
-    with h5py.File(path, 'r') as f:
+    with _open_h5(path) as f:
       values = f['kspace'][index]
   except (OSError, KeyError) as e:
     raise DataError(f'{path}: cannot read k-space slice {index} ({e})') from e
@@ -96,7 +109,7 @@ def read_kspace_slice(path: Path, index: int) -> np.ndarray:
   return values
 
 
-def read_kspace(paths: tuple[Path, ...], index: int) -> np.ndarray:
+def read_kspace(paths: tuple[StoragePath, ...], index: int) -> np.ndarray:
   """Slice `index` of the files' k-space, averaged over them (repetitions of one scan: the
   k-space of a scan with that many averages)."""
   values = [read_kspace_slice(path, index) for path in paths]

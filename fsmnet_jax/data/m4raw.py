@@ -10,9 +10,9 @@ multicoil_val for the test split.
 import logging
 import os
 import re
-from pathlib import Path
 
 from fsmnet_jax.data import DataError, check_contrasts, fastmri
+from fsmnet_jax.files import StoragePath, as_path
 
 CONTRASTS = ('T1', 'T2', 'FLAIR')
 SPLIT_FOLDERS = {'train': 'multicoil_train', 'test': 'multicoil_val'}
@@ -26,11 +26,11 @@ def find_pairs(root: str | os.PathLike, split: str, target: str = 'T2', referenc
   check_contrasts('M4Raw', CONTRASTS, target, reference)
   if repetition < 0:
     raise DataError(f'config.data.repetition={repetition}: 1, 2, ... or 0 for the average')
-  folder = Path(root) / SPLIT_FOLDERS[split]
+  folder = as_path(root) / SPLIT_FOLDERS[split]
   if not folder.is_dir():
     raise DataError(f'{folder}: no such folder; config.data.root is the folder holding '
                     f'{" and ".join(SPLIT_FOLDERS.values())}')
-  files: dict[str, dict[str, dict[int, Path]]] = {}
+  files: dict[str, dict[str, dict[int, StoragePath]]] = {}
   for path in sorted(folder.glob('*.h5')):
     match = FILE_NAME.match(path.name)
     if match:

@@ -26,8 +26,8 @@ from fsmnet_jax.files import as_path, is_url
 
 DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw',
             'prepared')
-# Data sets whose root may be a bucket URL (their NIfTI files are read through etils.epath).
-READ_FROM_BUCKETS = ('demo', 'brats', 'nifti_pairs')
+# Data sets whose root may be a bucket URL (their files are read through etils.epath).
+READ_FROM_BUCKETS = ('demo', 'brats', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw')
 MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the coils'
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
