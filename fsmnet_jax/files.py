@@ -92,7 +92,7 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
       finished.append((temporary, path))
     for temporary, path in finished:
       if is_url(path):
-        _upload(temporary, as_path(path))
+        upload(temporary, as_path(path))
         continue
       if path.exists():
         displaced = path.with_name(f'.old-{os.getpid()}-{path.name}')
@@ -107,7 +107,7 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
         leftover.unlink()
 
 
-def _upload(local: Path, destination: StoragePath) -> None:
+def upload(local: Path, destination: StoragePath) -> None:
   """Copies a local file or folder to `destination` (a URL), replacing what is there."""
   if destination.is_dir():
     destination.rmtree()

@@ -3,20 +3,25 @@ set's own layout and at its usual size, read from the files and from prepared sh
 (fsmnet-prepare-data), with what each keeps on disk per slice.
 
 Usage: python scripts/bench_data.py [--datasets brats ixi ...] [--workers 0 2]
-  [--image-size N] (one size for all; default: each data set's own, below)
+  [--image-size N] (one size for all; default: each data set's own, below) [--bucket]
+--bucket also reads the files from a Cloud Storage bucket served on this machine
+(scripts/gcs_emulator.py), for the data sets a bucket can hold (pipeline.READ_FROM_BUCKETS).
 The pipeline must outpace the training step it feeds: a batch-4 step of the paper-size model
 takes seconds on a CPU at 240 px (docs/benchmarks.md), a fraction of a second on a GPU.
 """
 
 import argparse
+import atexit
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+import gcs_emulator
 from fsmnet_jax.configs import default
 from fsmnet_jax.data import demo, pipeline
+from fsmnet_jax.files import as_path, upload
 
 # Each data set at its usual size (the demo layouts' settings: demo.LAYOUT_SETTINGS).
 DATASETS = {'brats': 240, 'ixi': 256, 'ixi_t1': 256, 'nifti_pairs': 240, 'fastmri': 320,
@@ -47,6 +52,12 @@ def _megabytes(folder: Path) -> float:
   return sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 2**20
 
 
+def _in_bucket(settings: dict[str, str], local_root: Path, url: str) -> dict[str, str]:
+  """`settings` (config.data) with the paths under `local_root` moved to `url`."""
+  return {key: value.replace(str(local_root), url) if key.endswith(('root', 'pairs')) else value
+          for key, value in settings.items()}
+
+
 def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
   with tempfile.TemporaryDirectory() as folder:
     root = Path(folder)
@@ -63,7 +74,20 @@ def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
     kept = {'files': f'{_megabytes(root / "data") / slices:.2f} + '
                      f'{_megabytes(root / "cache") / slices:.2f} cache',
             'shards': f'{_megabytes(root / "shards") / slices:.2f}'}
-    for source, source_config in (('files', config), ('shards', prepared)):
+    sources = [('files', config), ('shards', prepared)]
+    if args.bucket and config.data.dataset in pipeline.READ_FROM_BUCKETS:
+      url = f'{args.bucket}/{dataset}'
+      upload(root / 'data', as_path(url))
+      in_bucket = config.copy_and_resolve_references()
+      in_bucket.data.update(_in_bucket(demo.layout_settings(root / 'data', dataset),
+                                       root / 'data', url))
+      in_bucket.data.cache_dir = str(root / 'bucket_cache')
+      # As prepare() did for the local files: every volume decoded into the cache once.
+      for _ in pipeline.make_loader(in_bucket, 'train', args.batch_size, num_epochs=1):
+        pass
+      kept['files in a bucket'] = kept['files'].replace('cache', 'cache (local)')
+      sources.append(('files in a bucket', in_bucket))
+    for source, source_config in sources:
       for workers in args.workers:
         source_config.data.worker_count = workers
         iterator = iter(pipeline.make_loader(source_config, 'train', args.batch_size))
@@ -87,7 +111,16 @@ def main() -> None:
   parser.add_argument('--batch-size', type=int, default=4)
   parser.add_argument('--batches', type=int, default=60)
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+  parser.add_argument('--bucket', action='store_true',
+                      help='also read the files from a bucket served on this machine')
   args = parser.parse_args()
+  if args.bucket:
+    server, url = gcs_emulator.start('bench')
+    # At exit, once gcsfs's read-ahead threads are done (they outlive the files they read).
+    atexit.register(server.terminate)
+    gcs_emulator.use_in_this_process(url)
+    args.bucket = 'gs://bench'
+
   print(f'batch {args.batch_size}, {args.batches} batches after one warm-up batch\n')
   print('| data set | px | read from | MB per slice on disk | workers | examples/s | '
         'ms per batch |\n|---|---|---|---|---|---|---|')

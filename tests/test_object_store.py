@@ -1,8 +1,8 @@
 """A workdir and data in a bucket: fsmnet-train killed with SIGKILL and resumed bit for bit,
 fsmnet-eval reading it and writing its report there, and a bucket that cannot be written refused
-before any work. The store is a real one served by this test: gcp-storage-emulator's Google
-Cloud Storage JSON API, which gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays)
-both speak."""
+before any work. The store is a real one served on this machine (scripts/gcs_emulator.py):
+gcp-storage-emulator's Google Cloud Storage JSON API, which gcsfs (epath's gs:// backend) and
+tensorstore (orbax's arrays) both speak."""
 
 import importlib.util
 import json
@@ -19,57 +19,36 @@ from fsmnet_jax import checkpoint
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.data.demo import LAYOUT_SETTINGS
-from fsmnet_jax.files import as_path
+from fsmnet_jax.files import as_path, upload
 from training_runs import (REPO, SPATIAL_ONLY, assert_bitwise_equal, cli_command, cli_env,
                            free_port, saved_state, train_run)
 
 # gcsfs is imported by the first gs:// path, once the fixture below has set its environment.
 if importlib.util.find_spec('gcsfs') is None:
   pytest.skip('gs:// needs gcsfs (the dev extra installs it)', allow_module_level=True)
-emulator = pytest.importorskip('gcp_storage_emulator.server')
-from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=wrong-import-position
-from gcp_storage_emulator.handlers import objects  # pylint: disable=wrong-import-position
+pytest.importorskip('gcp_storage_emulator')
+_spec = importlib.util.spec_from_file_location('gcs_emulator', REPO / 'scripts/gcs_emulator.py')
+gcs_emulator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gcs_emulator)
 
 BUCKET = 'fsmnet-test'
-
-
-def _download_with_generation(download):
-  """The emulator's object download, with the generation headers Cloud Storage sends and
-  tensorstore requires ('Malformed StorageGeneration' without them)."""
-  def patched(request, response, storage, *args, **kwargs):
-    try:
-      saved = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
-      response['x-goog-generation'] = str(saved['generation'])
-      response['x-goog-metageneration'] = str(saved['metageneration'])
-    except NotFound:
-      pass
-    return download(request, response, storage, *args, **kwargs)
-  return patched
 
 
 @pytest.fixture(scope='module')
 def store_env():
   """The environment that points this process and the commands at a store served here."""
-  url = f'http://127.0.0.1:{free_port()}'
-  # gcsfs: no credentials to look for, and no listings cached (this process reads what the
-  # commands write meanwhile).
-  gcsfs_options = {'token': 'anon', 'use_listings_cache': False}
-  env = {'STORAGE_EMULATOR_HOST': url,  # gcsfs
-         'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'anonymous',
-         'FSSPEC_GCS': json.dumps(gcsfs_options),
-         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}  # a gRPC API the emulator lacks
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(objects, 'download', _download_with_generation(objects.download))
-    for name, value in env.items():
-      patch.setenv(name, value)
-    patch.setitem(fsspec.config.conf, 'gcs', gcsfs_options)  # read from the environment at import
-    server = emulator.create_server('127.0.0.1', int(url.rsplit(':', 1)[1]), in_memory=True,
-                                    default_bucket=BUCKET)
-    server.start()
-    try:
+  server, url = gcs_emulator.start(BUCKET)
+  env = gcs_emulator.client_environment(url)
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      for name, value in env.items():
+        patch.setenv(name, value)
+      # fsspec read FSSPEC_GCS from the environment when it was imported.
+      patch.setitem(fsspec.config.conf, 'gcs', json.loads(env['FSSPEC_GCS']))
       yield env
-    finally:
-      server.stop()
+  finally:
+    server.terminate()
+    server.wait()
 
 
 def _bucket_run(workdir, data_root, cache, env, *overrides, **kwargs):
@@ -82,9 +61,7 @@ def _bucket_run(workdir, data_root, cache, env, *overrides, **kwargs):
 def bucket_data(data_root, store_env):
   """The demo data (every layout) copied into the bucket; its URL."""
   url = f'gs://{BUCKET}/data'
-  for file in data_root.rglob('*'):
-    if file.is_file():
-      (as_path(url) / file.relative_to(data_root).as_posix()).write_bytes(file.read_bytes())
+  upload(data_root, as_path(url))
   return url
 
 

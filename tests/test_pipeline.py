@@ -1,6 +1,7 @@
 """grain pipelines on the demo data: batches, reproducibility, resume, sharding, fixed test
 masks, how far ahead they read."""
 
+import importlib.util
 import itertools
 import pickle
 import shutil
@@ -211,15 +212,21 @@ def test_brats_source_pickles_without_its_open_files(config):
 
 
 def test_the_data_benchmark_measures_every_data_set():
+  """From the files, from prepared shards, and from the files in a bucket (served here)."""
+  bucket = () if importlib.util.find_spec('gcp_storage_emulator') is None else ('--bucket',)
   result = subprocess.run(
       [sys.executable, str(REPO / 'scripts/bench_data.py'), '--image-size', '32', '--slices', '4',
-       '--batches', '2', '--workers', '0'], capture_output=True, text=True, check=True, cwd=REPO)
+       '--batches', '2', '--workers', '0', *bucket], capture_output=True, text=True, check=True,
+      cwd=REPO)
   rows = [line.split('|')[1:-1] for line in result.stdout.splitlines()
           if line.startswith('| ') and not line.startswith('| data set')]
   datasets = set(pipeline.DATASETS) - {'demo', 'prepared'} | {'ixi_t1'}
+  in_bucket = {(dataset, 'files in a bucket') for dataset in datasets
+               if dataset in pipeline.READ_FROM_BUCKETS and bucket}
   assert {(row[0].strip(), row[2].strip()) for row in rows} == {
-      (dataset, source) for dataset in datasets for source in ('files', 'shards')}
+      (dataset, source) for dataset in datasets for source in ('files', 'shards')} | in_bucket
   assert all(float(row[5].replace(',', '')) > 0 for row in rows)
+  assert 'Traceback' not in result.stderr
 
 
 class _CountingSource(grain.RandomAccessDataSource):

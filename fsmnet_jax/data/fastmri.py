@@ -36,13 +36,17 @@ class KspacePair:
 
 @contextlib.contextmanager
 def _open_h5(path: StoragePath) -> Iterator[h5py.File]:
-  """The h5 file at `path`, or in a bucket read through a file object (each read a range
-  request; gcsfs reads ahead in blocks)."""
+  """The h5 file at `path`, or in a bucket read through a file object (range requests, read
+  ahead in blocks)."""
   if not is_url(path):
     with h5py.File(path, 'r') as f:
       yield f
     return
-  with path.open('rb') as raw, h5py.File(raw, 'r') as f:
+  import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs
+  # A plain read-ahead cache: gcsfs's default adds a background prefetcher per open file,
+  # whose threads outlive it (and h5py reads small pieces here and there before the slice).
+  store, key = fsspec.core.url_to_fs(os.fspath(path))
+  with store.open(key, 'rb', cache_type='readahead') as raw, h5py.File(raw, 'r') as f:
     yield f
 
 
