@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import threading
 import xml.etree.ElementTree as ElementTree
 from typing import Iterator
 
@@ -36,18 +37,50 @@ class KspacePair:
 
 @contextlib.contextmanager
 def _open_h5(path: StoragePath) -> Iterator[h5py.File]:
-  """The h5 file at `path`, or in a bucket read through a file object (range requests, read
-  ahead in blocks)."""
+  """The h5 file at `path`; in a bucket, kept open by this process (`_BucketFiles`)."""
   if not is_url(path):
     with h5py.File(path, 'r') as f:
       yield f
     return
-  import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs
-  # A plain read-ahead cache: gcsfs's default adds a background prefetcher per open file,
-  # whose threads outlive it (and h5py reads small pieces here and there before the slice).
-  store, key = fsspec.core.url_to_fs(os.fspath(path))
-  with store.open(key, 'rb', cache_type='readahead') as raw, h5py.File(raw, 'r') as f:
+  with _BUCKET_FILES.open(path) as f:
     yield f
+
+
+class _BucketFiles:
+  """h5 files in buckets, open in this process: opening one costs several requests (its
+  metadata), and every example reads a slice of two files. Each file is read by one thread at
+  a time (h5py reads through the file object's position); the least recently opened are
+  closed beyond `most`."""
+
+  def __init__(self, most: int):
+    self._most, self._files, self._lock = most, {}, threading.Lock()
+
+  @contextlib.contextmanager
+  def open(self, path: StoragePath) -> Iterator[h5py.File]:
+    key = (os.getpid(), os.fspath(path))  # grain's worker processes open their own
+    with self._lock:
+      if key not in self._files:
+        while len(self._files) >= self._most:
+          raw, f, evicted_in_use = self._files.pop(next(iter(self._files)))
+          with evicted_in_use:  # once its reader is done
+            f.close()
+            raw.close()
+        import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs
+        # A plain read-ahead cache: gcsfs's default adds a background prefetcher per open
+        # file, whose threads outlive it.
+        store, name = fsspec.core.url_to_fs(key[1])
+        raw = store.open(name, 'rb', cache_type='readahead')
+        try:
+          self._files[key] = (raw, h5py.File(raw, 'r'), threading.Lock())
+        except Exception:
+          raw.close()
+          raise
+      _, f, in_use = self._files[key]
+    with in_use:
+      yield f
+
+
+_BUCKET_FILES = _BucketFiles(most=16)
 
 
 def read_header(path: StoragePath) -> dict[str, tuple[int, int]]:
