@@ -57,16 +57,23 @@ def run_worker(spec: Spec, weights: Path, cpus: list[int]) -> dict:
   command = _worker_command('--worker', json.dumps(dataclasses.asdict(spec)), str(weights),
                             ','.join(map(str, cpus)))
   start = time.perf_counter()
-  try:
-    done = subprocess.run(command, env=env, capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S, check=False)
-  except subprocess.TimeoutExpired:
-    return {'error': f'timed out after {WORKER_TIMEOUT_S} s'}
-  lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
-  if done.returncode or not lines:
+  with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True) as worker:
+    try:
+      stdout, stderr = worker.communicate(timeout=WORKER_TIMEOUT_S)
+    except BaseException as e:  # the timeout, or the run interrupted (SIGTERM, Ctrl-C)
+      # Killed and reaped before going on: subprocess.run waits only 0.25 s for a worker it
+      # killed on an interrupt, and a large one can take longer to exit under load.
+      worker.kill()
+      worker.wait()
+      if isinstance(e, subprocess.TimeoutExpired):
+        return {'error': f'timed out after {WORKER_TIMEOUT_S} s'}
+      raise
+  lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  if worker.returncode or not lines:
     # The exception's own line, not the hints some libraries print after it.
-    errors = [l for l in done.stderr.splitlines() if 'Error' in l] or done.stderr.splitlines()
-    return {'error': f'exit code {done.returncode}: {(errors or ["(no output)"])[-1][:300]}'}
+    errors = [l for l in stderr.splitlines() if 'Error' in l] or stderr.splitlines()
+    return {'error': f'exit code {worker.returncode}: {(errors or ["(no output)"])[-1][:300]}'}
   result = json.loads(lines[-1][len(RESULT_PREFIX):])
   result['wall_s'] = time.perf_counter() - start
   if 'seconds' in result and spec.task in ('train', 'infer'):
