@@ -88,8 +88,9 @@ def read_volume(path: StoragePath) -> tuple[np.ndarray, np.ndarray]:
   to be read (nibabel reads files; `cached_pair` keeps the decoded result)."""
   try:
     with tempfile.TemporaryDirectory(prefix='fsmnet-volume-') as folder:
-      local = Path(folder) / path.name if is_url(path) else path
+      local = path
       if is_url(path):
+        local = Path(folder) / path.name
         local.write_bytes(path.read_bytes())
       image = nib.load(str(local))
       shape, dtype = image.shape, image.get_data_dtype()
@@ -224,10 +225,9 @@ def cached_pair(pair: VolumePair, image_size: int, percentile: float, align_by_h
 
 def _file_identity(path: StoragePath) -> tuple[str, int, int]:
   """(path, size, modification time): what tells a file from its next version."""
-  if is_url(path):
-    stat = path.stat()
-    return str(path), stat.length, stat.mtime
   stat = path.stat()
+  if is_url(path):
+    return str(path), stat.length, stat.mtime
   return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
