@@ -8,15 +8,17 @@ first and uploaded once complete (`write_together`), and files that grow (metric
 events, profiles) are written to a local `StagedFolder` and uploaded whole at each `sync`.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from etils import epath
 
 Writer = Callable[[Path], None]
+_COPY_CHUNK = 16 * 2**20
 
 
 # A local path, or the path of a URL, which talks to its store (and keeps the '//' that
@@ -37,6 +39,37 @@ def absolute_path(path: str | os.PathLike) -> StoragePath:
 def is_url(path: str | os.PathLike) -> bool:
   """True for an object-store URL (gs://, s3://, ...), False for a local path."""
   return '://' in os.fspath(path)
+
+
+def files_under(root: StoragePath) -> list[StoragePath]:
+  """Every file under the folder `root`, at any depth, sorted. For a URL one listing of its
+  prefix (epath refuses `**` patterns there, and a bucket lists objects, never folders)."""
+  if not isinstance(root, epath.Path) or not is_url(root):
+    return sorted(p for p in Path(root).rglob('*') if p.is_file())
+  import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs or s3fs
+  scheme = os.fspath(root).split('://')[0]
+  store, prefix = fsspec.core.url_to_fs(os.fspath(root))
+  return [epath.Path(f'{scheme}://{name}') for name in sorted(store.find(prefix))]
+
+
+@contextlib.contextmanager
+def local_copy(file: StoragePath) -> Iterator[Path]:
+  """`file` itself if local, else a copy of it in a temporary folder, removed on exit: for
+  readers of local files (nibabel, h5py) given a file in a bucket."""
+  if not is_url(file):
+    yield Path(file)
+    return
+  with tempfile.TemporaryDirectory(prefix='fsmnet-download-') as folder:
+    local = Path(folder) / file.name
+    with file.open('rb') as source, local.open('wb') as copy:
+      shutil.copyfileobj(source, copy, _COPY_CHUNK)
+    yield local
+
+
+def size_of(file: StoragePath) -> int:
+  """A file's size in bytes, local or in a bucket (epath's stat names it otherwise)."""
+  stat = file.stat()
+  return stat.st_size if isinstance(stat, os.stat_result) else stat.length
 
 
 def default_cache_dir() -> Path:
@@ -116,7 +149,8 @@ def upload(local: Path, destination: StoragePath) -> None:
   files = [local] if local.is_file() else sorted(p for p in local.rglob('*') if p.is_file())
   for file in files:
     target = destination if file == local else destination / file.relative_to(local).as_posix()
-    target.write_bytes(file.read_bytes())
+    with file.open('rb') as source, target.open('wb') as copy:
+      shutil.copyfileobj(source, copy, _COPY_CHUNK)  # shards of hundreds of MB, in pieces
 
 
 class StagedFolder:

@@ -17,7 +17,7 @@ import numpy as np
 from fsmnet_jax import metrics
 from fsmnet_jax.data import DataError, kspace, transforms, volumes
 from fsmnet_jax.data.masks import sampling_mask
-from fsmnet_jax.files import refuse_existing, write_together
+from fsmnet_jax.files import StoragePath, local_copy, refuse_existing, write_together
 from fsmnet_jax.inference import Reconstructor, data_consistency
 
 # fastMRI's (and the reference's) centre fractions for its accelerations.
@@ -52,7 +52,7 @@ def mask_config(data: ml_collections.ConfigDict, acceleration: int | None
   return config
 
 
-def mask_path(out: Path) -> Path:
+def mask_path(out: StoragePath) -> StoragePath:
   """Where the mask of output `out` goes: recon.nii.gz -> recon_mask.npy."""
   name = out.name
   for suffix in (*NIFTI_SUFFIXES, '.h5'):
@@ -62,9 +62,10 @@ def mask_path(out: Path) -> Path:
   return out.with_name(f'{name}_mask.npy')
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
+def _load_nifti(path: StoragePath) -> nib.Nifti1Image:
   try:
-    image = nib.load(str(path))
+    with local_copy(path) as local:  # the header, read now; the voxels come from load_pair
+      image = nib.load(str(local))
   except FileNotFoundError:
     raise DataError(f'{path}: no such file') from None
   except Exception as e:  # nibabel raises many types for damaged files
@@ -74,8 +75,8 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
   return image
 
 
-def check_same_grid(t1_path: Path, t1: nib.Nifti1Image, t2_path: Path, t2: nib.Nifti1Image
-                    ) -> None:
+def check_same_grid(t1_path: StoragePath, t1: nib.Nifti1Image, t2_path: StoragePath,
+                    t2: nib.Nifti1Image) -> None:
   """DataError unless T1 and T2 share one voxel grid (shape, orientation and affine)."""
   where = f'{t1_path} and {t2_path}'
   or_align = ' (or align it by the headers: --align-by-headers)'
@@ -105,7 +106,8 @@ def simulate(reconstructor: Reconstructor, t2: np.ndarray, t1: np.ndarray, mask:
 
 
 def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigDict,
-                      t1_path: Path, t2_path: Path, out: Path, acceleration: int | None,
+                      t1_path: StoragePath, t2_path: StoragePath, out: StoragePath,
+                      acceleration: int | None,
                       seed: int, with_data_consistency: bool = False,
                       overwrite: bool = False, align_by_headers: bool = False
                       ) -> Reconstruction:
@@ -139,11 +141,11 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   return result
 
 
-def _read_kspace(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_kspace(path: StoragePath) -> tuple[np.ndarray, np.ndarray | None]:
   """(slices, [coils,] rows, cols) complex k-space and the file's (cols,) `mask` if it has
   one."""
   try:
-    with h5py.File(path, 'r') as f:
+    with local_copy(path) as local, h5py.File(local, 'r') as f:
       values = f['kspace'][()]
       file_mask = f['mask'][()] if 'mask' in f else None
   except FileNotFoundError:
@@ -162,7 +164,7 @@ def _read_kspace(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
   return values, file_mask
 
 
-def measured_mask(path: Path, values: np.ndarray, file_mask: np.ndarray | None,
+def measured_mask(path: StoragePath, values: np.ndarray, file_mask: np.ndarray | None,
                   data: ml_collections.ConfigDict, acceleration: int | None, seed: int
                   ) -> tuple[np.ndarray, bool]:
   """The (rows, cols) mask of measured samples: the file's, else its non-zero columns; a
@@ -181,7 +183,7 @@ def measured_mask(path: Path, values: np.ndarray, file_mask: np.ndarray | None,
 
 
 def reconstruct_kspace(reconstructor: Reconstructor, data: ml_collections.ConfigDict,
-                       kspace_path: Path, reference_path: Path, out: Path,
+                       kspace_path: StoragePath, reference_path: StoragePath, out: StoragePath,
                        acceleration: int | None, seed: int, with_data_consistency: bool = False,
                        overwrite: bool = False) -> Reconstruction:
   """Reconstruction from a fastMRI-format k-space file, single- or multi-coil (the network sees

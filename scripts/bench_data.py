@@ -4,8 +4,8 @@ set's own layout and at its usual size, read from the files and from prepared sh
 
 Usage: python scripts/bench_data.py [--datasets brats ixi ...] [--workers 0 2]
   [--image-size N] (one size for all; default: each data set's own, below) [--bucket]
---bucket also reads the files from a Cloud Storage bucket served on this machine
-(scripts/gcs_emulator.py), for the data sets a bucket can hold (pipeline.READ_FROM_BUCKETS).
+--bucket also reads the files and the shards from a Cloud Storage bucket served on this machine
+(scripts/gcs_emulator.py).
 The pipeline must outpace the training step it feeds: a batch-4 step of the paper-size model
 takes seconds on a CPU at 240 px (docs/benchmarks.md), a fraction of a second on a GPU.
 """
@@ -75,18 +75,22 @@ def measure(dataset: str, size: int, args: argparse.Namespace) -> None:
                      f'{_megabytes(root / "cache") / slices:.2f} cache',
             'shards': f'{_megabytes(root / "shards") / slices:.2f}'}
     sources = [('files', config), ('shards', prepared)]
-    if args.bucket and config.data.dataset in pipeline.READ_FROM_BUCKETS:
+    if args.bucket:
       url = f'{args.bucket}/{dataset}'
-      upload(root / 'data', as_path(url))
+      for folder in ('data', 'shards'):
+        upload(root / folder, as_path(f'{url}/{folder}'))
       in_bucket = config.copy_and_resolve_references()
       in_bucket.data.update(_in_bucket(demo.layout_settings(root / 'data', dataset),
-                                       root / 'data', url))
+                                       root / 'data', f'{url}/data'))
       in_bucket.data.cache_dir = str(root / 'bucket_cache')
       # As prepare() did for the local files: every volume decoded into the cache once.
       for _ in pipeline.make_loader(in_bucket, 'train', args.batch_size, num_epochs=1):
         pass
+      shards_in_bucket = prepared.copy_and_resolve_references()
+      shards_in_bucket.data.root = f'{url}/shards'
       kept['files in a bucket'] = kept['files'].replace('cache', 'cache (local)')
-      sources.append(('files in a bucket', in_bucket))
+      kept['shards in a bucket'] = kept['shards']
+      sources += [('files in a bucket', in_bucket), ('shards in a bucket', shards_in_bucket)]
     for source, source_config in sources:
       for workers in args.workers:
         source_config.data.worker_count = workers
@@ -112,7 +116,7 @@ def main() -> None:
   parser.add_argument('--batches', type=int, default=60)
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
   parser.add_argument('--bucket', action='store_true',
-                      help='also read the files from a bucket served on this machine')
+                      help='also read the files and shards from a bucket served on this machine')
   args = parser.parse_args()
   if args.bucket:
     server, url = gcs_emulator.start('bench')

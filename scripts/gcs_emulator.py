@@ -21,10 +21,12 @@ import fsspec
 
 
 def client_environment(url: str) -> dict[str, str]:
-  """The variables that point gcsfs (etils.epath's gs://) and tensorstore at `url`."""
+  """The variables that point gcsfs (etils.epath's gs://), tensorstore and array_record's
+  Cloud Storage client at `url`."""
   # gcsfs: no credentials to look for, no directory listings cached (several processes write
   # the bucket), and no gRPC bucket-type probe (the emulator lacks that API).
   return {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+          'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
           'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'anonymous',
           'FSSPEC_GCS': json.dumps({'token': 'anon', 'use_listings_cache': False}),
           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}

@@ -1,8 +1,9 @@
 """A workdir and data in a bucket: fsmnet-train killed with SIGKILL and resumed bit for bit,
-fsmnet-eval reading it and writing its report there, and a bucket that cannot be written refused
-before any work. The store is a real one served on this machine (scripts/gcs_emulator.py):
-gcp-storage-emulator's Google Cloud Storage JSON API, which gcsfs (epath's gs:// backend) and
-tensorstore (orbax's arrays) both speak."""
+fsmnet-eval reading it and writing its report there, every data layout, prepared shards and
+fsmnet-reconstruct's scans read from a bucket as from local files, and a bucket that cannot be
+written refused before any work. The store is a real one served on this machine
+(scripts/gcs_emulator.py): gcp-storage-emulator's Google Cloud Storage JSON API, which gcsfs
+(epath's gs:// backend), tensorstore (orbax's arrays) and array_record all speak."""
 
 import importlib.util
 import json
@@ -12,14 +13,20 @@ import sys
 import time
 
 import fsspec
+import h5py
+import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
 from fsmnet_jax import checkpoint
+from fsmnet_jax.checkpoint import save_variables
+from fsmnet_jax.cli import reconstruct as reconstruct_cli
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.data.demo import LAYOUT_SETTINGS
-from fsmnet_jax.files import as_path, upload
+from fsmnet_jax.files import as_path, local_copy, upload
+from fsmnet_jax.model import FSMNet, init_variables
 from training_runs import (REPO, SPATIAL_ONLY, assert_bitwise_equal, cli_command, cli_env,
                            free_port, saved_state, train_run)
 
@@ -65,7 +72,8 @@ def bucket_data(data_root, store_env):
   return url
 
 
-@pytest.mark.parametrize('layout', ['nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw'])
+@pytest.mark.parametrize('layout', ['nifti_pairs', 'ixi_t1', 'fastmri', 'fastmri_multicoil',
+                                    'm4raw'])
 def test_a_data_set_in_a_bucket_gives_the_slices_of_its_files(tmp_path, data_root, bucket_data,
                                                               layout):
   sources = []
@@ -164,12 +172,85 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
   assert time.monotonic() - started < 60
 
 
-@pytest.mark.parametrize('dataset', ['ixi', 'prepared'])
-def test_data_sets_read_from_local_paths_refuse_a_bucket_by_name(dataset):
-  config = tiny.get_config()
-  config.data.dataset, config.data.root = dataset, f'gs://{BUCKET}/{dataset}'
-  with pytest.raises(DataError, match=(
-      rf"^config.data.root=gs://{BUCKET}/{dataset}: '{dataset}' data is read from local paths "
-      r'only \(from a bucket: demo, brats, nifti_pairs, fastmri, fastmri_multicoil, m4raw\); '
-      r'mount the bucket')):
+def test_scans_in_a_bucket_are_reconstructed_into_it_as_local_ones(tmp_path, capsys, data_root,
+                                                                   bucket_data):
+  """fsmnet-reconstruct with its inputs and outputs URLs: NIfTI and k-space."""
+  weights = save_variables(init_variables(FSMNet(**tiny.get_config().model), jax.random.key(1)),
+                           tmp_path / 'weights')
+  common = ['--checkpoint', str(weights), '--config', str(REPO / 'configs/tiny.py'),
+            '--acceleration', '4']
+  subject = 'brats/DemoBraTS_000/DemoBraTS_000'
+  written = []
+  for root, out in ((data_root, tmp_path), (bucket_data, f'gs://{BUCKET}/reconstructed')):
+    for inputs, name in (([f'--t1={root}/{subject}_t1.nii.gz', f'--t2={root}/{subject}_t2.nii.gz'],
+                          'brain.nii.gz'),
+                         ([f'--kspace={root}/fastmri/file_demo0001.h5',
+                           f'--reference={root}/fastmri/file_demo0000.h5'], 'knee.h5')):
+      assert reconstruct_cli.main([*common, *inputs, f'--out={out}/{name}']) == 0
+    outputs = {}
+    for name in ('brain.nii.gz', 'brain_mask.npy', 'knee.h5', 'knee_mask.npy'):
+      with local_copy(as_path(f'{out}/{name}')) as local:
+        if name.endswith('.npy'):
+          outputs[name] = np.load(local)
+        elif name.endswith('.h5'):
+          with h5py.File(local) as f:
+            outputs[name] = f['reconstruction'][()]
+        else:
+          outputs[name] = nib.load(local).get_fdata()
+    written.append(outputs)
+  for name, value in written[0].items():
+    np.testing.assert_array_equal(written[1][name], value, err_msg=name)
+  capsys.readouterr()
+  missing = f'{bucket_data}/{subject}_t1_missing.nii.gz'
+  assert reconstruct_cli.main([*common, f'--t1={missing}', f'--t2={bucket_data}/{subject}'
+                               '_t2.nii.gz', f'--out={tmp_path}/other.nii.gz']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'fsmnet-reconstruct: error: {missing}: no such file')
+
+
+def test_shards_prepared_into_a_bucket_read_as_those_prepared_locally(tmp_path, data_root,
+                                                                     store_env):
+  """fsmnet-prepare-data --out gs://...; an existing URL is refused, a truncated shard in the
+  bucket named, and a store array_record cannot read refused by name."""
+  url = f'gs://{BUCKET}/prepared'
+  command = [sys.executable, '-m', 'fsmnet_jax.cli.prepare_data',
+             '--config', str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}/brats',
+             '--config.data.dataset=brats', f'--config.data.cache_dir={tmp_path / "cache"}']
+  for out in (url, tmp_path / 'local'):
+    done = subprocess.run([*command, f'--out={out}'], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'wrote {out}: ' in done.stdout
+  sources = []
+  for root in (tmp_path / 'local', url):
+    config = tiny.get_config()
+    config.data.update(dataset='prepared', root=str(root))
+    sources.append(pipeline.make_source(config, 'train'))
+  local, remote = sources
+  assert repr(remote) == repr(local) and len(local) == 18
+  for index in range(len(local)):
+    for key, value in local[index].items():
+      if key == 'record':
+        assert remote[index][key] == value
+      else:
+        np.testing.assert_array_equal(remote[index][key], value, err_msg=key)
+
+  refused = subprocess.run([*command, f'--out={url}'], capture_output=True, text=True,
+                           timeout=300)
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines()[-1] == (
+      f'fsmnet-prepare-data: error: {url}: already exists; pass --overwrite to replace it')
+
+  damaged = f'gs://{BUCKET}/damaged'
+  upload(tmp_path / 'local', as_path(damaged))
+  shard = as_path(damaged) / 'train-00000.array_record'
+  whole = shard.read_bytes()
+  shard.write_bytes(whole[:len(whole) // 2])
+  config.data.root = damaged
+  with pytest.raises(DataError, match=f'^{shard}: '):
+    pipeline.make_source(config, 'train')
+
+  config.data.root = 's3://fsmnet-test/prepared'
+  with pytest.raises(DataError, match=r'^s3://fsmnet-test/prepared: prepared shards are read '
+                                      r'from local paths and gs:// only'):
     pipeline.make_source(config, 'train')

@@ -221,10 +221,9 @@ def test_the_data_benchmark_measures_every_data_set():
   rows = [line.split('|')[1:-1] for line in result.stdout.splitlines()
           if line.startswith('| ') and not line.startswith('| data set')]
   datasets = set(pipeline.DATASETS) - {'demo', 'prepared'} | {'ixi_t1'}
-  in_bucket = {(dataset, 'files in a bucket') for dataset in datasets
-               if dataset in pipeline.READ_FROM_BUCKETS and bucket}
+  sources = ['files', 'shards'] + (['files in a bucket', 'shards in a bucket'] if bucket else [])
   assert {(row[0].strip(), row[2].strip()) for row in rows} == {
-      (dataset, source) for dataset in datasets for source in ('files', 'shards')} | in_bucket
+      (dataset, source) for dataset in datasets for source in sources}
   assert all(float(row[5].replace(',', '')) > 0 for row in rows)
   assert 'Traceback' not in result.stderr
 

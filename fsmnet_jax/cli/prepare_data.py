@@ -11,18 +11,19 @@ masks); a run with other settings is refused, naming them.
 """
 
 import logging
-from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
+from fsmnet_jax import files
 from fsmnet_jax.cli.common import check_data_settings, run_absl_app
 from fsmnet_jax.data import pipeline, shards
 from fsmnet_jax.reporting import ProgressBar
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (its data settings and '
                                 'seed decide the slices).', lock_config=True)
-flags.DEFINE_string('out', None, 'New (or empty) folder for the shards and prepared.json.')
+flags.DEFINE_string('out', None, 'New (or empty) folder, or gs:// URL, for the shards and '
+                    'prepared.json.')
 flags.DEFINE_integer('shard_size_mb', shards.SHARD_BYTES // 2**20,
                      'Uncompressed megabytes of slices per shard file.')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder (once the new one is '
@@ -33,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def _prepare() -> None:
-  config, out = FLAGS.config, Path(FLAGS.out)
+  config, out = FLAGS.config, FLAGS.out
   if FLAGS.shard_size_mb < 1:
     raise ValueError(f'--shard_size_mb={FLAGS.shard_size_mb}: must be at least 1')
   check_data_settings(config)
@@ -47,7 +48,7 @@ def _prepare() -> None:
 
   manifest = pipeline.prepare(config, out, FLAGS.shard_size_mb * 2**20, FLAGS.overwrite,
                               progress)
-  size = sum(p.stat().st_size for p in out.iterdir())
+  size = sum(map(files.size_of, files.files_under(files.as_path(out))))
   for split, table in manifest['splits'].items():
     logging.info('%s: %d slices of %d volumes in %d shards', split, table['slices'],
                  len(table['volumes']), len(table['shards']))

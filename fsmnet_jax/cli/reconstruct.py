@@ -8,7 +8,6 @@ read off the weights.
 
 import argparse
 import sys
-from pathlib import Path
 
 from fsmnet_jax import inference, reconstruct
 from fsmnet_jax.cli.common import add_model_arguments, load_model, run_command
@@ -59,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                   'the fully-sampled reference contrast .h5. The mask used is saved as '
                   'OUT_mask.npy.')
   add_model_arguments(parser)
-  parser.add_argument('--t1', type=Path, help='reference contrast, NIfTI')
-  parser.add_argument('--t2', type=Path, help='fully-sampled target contrast, NIfTI')
-  parser.add_argument('--kspace', type=Path,
+  parser.add_argument('--t1', type=as_path, help='reference contrast, NIfTI')
+  parser.add_argument('--t2', type=as_path, help='fully-sampled target contrast, NIfTI')
+  parser.add_argument('--kspace', type=as_path,
                       help='target k-space, fastMRI-format .h5, single- or multi-coil')
-  parser.add_argument('--reference', type=Path,
+  parser.add_argument('--reference', type=as_path,
                       help='fully-sampled reference contrast k-space, fastMRI-format .h5')
   parser.add_argument('--align-by-headers', action='store_true',
                       help='a --t1 on another voxel grid than --t2 (IXI\'s T1) is resampled onto '

@@ -9,10 +9,10 @@ through the two affines (docs/data.md says what that alignment is and is not).
 import logging
 import os
 import re
-from pathlib import Path
 
 from fsmnet_jax.data import DataError, check_contrasts
 from fsmnet_jax.data.volumes import VolumePair
+from fsmnet_jax.files import StoragePath, as_path, files_under
 
 CONTRASTS = ('T1', 'T2', 'PD')
 SITES = ('Guys', 'HH', 'IOP')
@@ -62,15 +62,15 @@ def subject_names(root: str | os.PathLike, sites: str = '') -> list[str]:
   return sorted(_files(root, sites))
 
 
-def _files(root: str | os.PathLike, sites: str) -> dict[str, dict[str, list[Path]]]:
+def _files(root: str | os.PathLike, sites: str) -> dict[str, dict[str, list[StoragePath]]]:
   """{subject: {contrast: files}} of the IXI files of `sites` anywhere under `root`."""
   chosen_sites = parse_sites(sites)
-  root = Path(root)
+  root = as_path(root)
   if not root.is_dir():
     raise DataError(f'{root}: no such data folder')
-  files: dict[str, dict[str, list[Path]]] = {}
-  for path in sorted(root.rglob('IXI*')):
+  files: dict[str, dict[str, list[StoragePath]]] = {}
+  for path in files_under(root):
     match = FILE_NAME.match(path.name)
-    if match and match.group(2) in chosen_sites and path.is_file():
+    if match and match.group(2) in chosen_sites:
       files.setdefault(match.group(1), {}).setdefault(match.group(3), []).append(path)
   return files

@@ -22,12 +22,10 @@ import numpy as np
 
 from fsmnet_jax.data import (DataError, brats, fastmri, ixi, kspace, m4raw, masks, shards,
                              transforms, volumes)
-from fsmnet_jax.files import as_path, is_url
+from fsmnet_jax.files import as_path
 
 DATASETS = ('demo', 'brats', 'ixi', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw',
             'prepared')
-# Data sets whose root may be a bucket URL (their files are read through etils.epath).
-READ_FROM_BUCKETS = ('demo', 'brats', 'nifti_pairs', 'fastmri', 'fastmri_multicoil', 'm4raw')
 MULTICOIL = ('fastmri_multicoil', 'm4raw')  # images: root-sum-of-squares of the coils'
 # The name in a NIfTI source's repr, which grain compares when a run resumes: BraTS runs of
 # before IXI keep resuming.
@@ -262,10 +260,6 @@ def make_source(config: ml_collections.ConfigDict, split: str) -> grain.RandomAc
   """The slices of `split` ('train' or 'test') of the configured data set."""
   data = config.data
   root = as_path(data.root)
-  if is_url(root) and data.dataset not in READ_FROM_BUCKETS:
-    raise DataError(f'config.data.root={data.root}: {data.dataset!r} data is read from local '
-                    f'paths only (from a bucket: {", ".join(READ_FROM_BUCKETS)}); mount the '
-                    'bucket (e.g. gcsfuse) and give the mount point')
   if data.dataset == 'prepared':
     return PreparedSlices(config, split)
   if data.dataset in NIFTI:

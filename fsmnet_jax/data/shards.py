@@ -17,6 +17,7 @@ the FFT of the target, computed again when read. ArrayRecord compresses each rec
 import concurrent.futures
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,9 +50,10 @@ def decode(record: bytes) -> dict[str, np.ndarray]:
     return {key: arrays[key] for key in arrays.files}
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
   """ROOT/prepared.json, checked to be one; DataError naming the file otherwise."""
-  path = Path(root) / MANIFEST
+  _check_store(root)
+  path = files.as_path(root) / MANIFEST
   if not path.is_file():
     raise DataError(f'{path}: no such file; config.data.root must be a folder written by '
                     'fsmnet-prepare-data')
@@ -73,9 +75,10 @@ def setting_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> lis
 class ShardReader:
   """The records of one split of a prepared folder, by position (as grain asks for them)."""
 
-  def __init__(self, root: str | Path, split: str, manifest: dict[str, Any]):
+  def __init__(self, root: str | os.PathLike, split: str, manifest: dict[str, Any]):
     shards = manifest['splits'][split]['shards']
-    self._paths = [Path(root) / shard['file'] for shard in shards]
+    # Strings: array_record opens gs:// itself (its own Cloud Storage client), not via epath.
+    self._paths = [os.fspath(files.as_path(root) / shard['file']) for shard in shards]
     for path, shard in zip(self._paths, shards):
       _check_shard(path, shard['records'])
     # Each file with its known record count: the data source need not open them all again.
@@ -91,9 +94,9 @@ class ShardReader:
       raise DataError(f'{self._paths[shard]}: record {i} cannot be read ({e})') from e
 
 
-def _check_shard(path: Path, records: int) -> None:
+def _check_shard(path: str, records: int) -> None:
   try:  # a damaged file opens, and fails on close with riegeli's account of the damage
-    reader = array_record_module.ArrayRecordReader(str(path))
+    reader = array_record_module.ArrayRecordReader(path)
     count = reader.num_records()
     reader.close()
   except (OSError, RuntimeError, ValueError) as e:
@@ -137,13 +140,13 @@ def _write_split(source: Any, folder: Path, split: str, with_kspace: bool,
           'volumes': volumes}
 
 
-def write_prepared(out: str | Path, sources: dict[str, Any], dataset: str,
+def write_prepared(out: str | os.PathLike, sources: dict[str, Any], dataset: str,
                    settings: dict[str, Any], config: dict[str, Any], with_kspace: bool,
                    shard_bytes: int = SHARD_BYTES, overwrite: bool = False,
                    progress: Callable[[str, int, int], None] = lambda *_: None) -> dict[str, Any]:
   """Writes each split's `sources[split]` into `out` with the manifest; returns the manifest.
-  `out` is written whole or not at all; an existing one is refused unless `overwrite`, and then
-  replaced only once the new one is complete."""
+  `out` (a folder or a URL) is written whole or not at all; an existing one is refused unless
+  `overwrite`, and then replaced only once the new one is complete."""
   def write(folder: Path) -> None:
     folder.mkdir(parents=True)
     splits = {split: _write_split(source, folder, split, with_kspace, shard_bytes,
@@ -155,16 +158,25 @@ def write_prepared(out: str | Path, sources: dict[str, Any], dataset: str,
   manifest = {'format': FORMAT, 'dataset': dataset, 'settings': settings,
               'compression': WRITER_OPTIONS, 'with_kspace': with_kspace,
               'config': config}
-  out = Path(out)
   refuse_existing_out(out, overwrite)
-  if out.is_dir() and not any(out.iterdir()):
-    out.rmdir()  # replaced by the new folder, whole
+  if not files.is_url(out) and _is_empty_folder(Path(out)):
+    Path(out).rmdir()  # replaced by the new folder, whole
   files.write_atomically(out, write, overwrite)
   return manifest
 
 
-def refuse_existing_out(out: str | Path, overwrite: bool) -> None:
+def refuse_existing_out(out: str | os.PathLike, overwrite: bool) -> None:
   """FileExistsError for an `out` that exists, unless `overwrite` or an empty folder."""
-  out = Path(out)
-  if not (out.is_dir() and not any(out.iterdir())):
+  _check_store(out)
+  if files.is_url(out) or not _is_empty_folder(Path(out)):
     files.refuse_existing([out], overwrite)
+
+
+def _is_empty_folder(path: Path) -> bool:
+  return path.is_dir() and not any(path.iterdir())
+
+
+def _check_store(root: str | os.PathLike) -> None:
+  if files.is_url(root) and not os.fspath(root).startswith('gs://'):
+    raise DataError(f'{os.fspath(root)}: prepared shards are read from local paths and gs:// '
+                    'only (array_record reads no other store); use one of those')

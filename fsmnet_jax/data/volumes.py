@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from fsmnet_jax.data import DataError, transforms
-from fsmnet_jax.files import StoragePath, as_path, default_cache_dir, is_url, write_atomically
+from fsmnet_jax.files import (StoragePath, as_path, default_cache_dir, is_url, local_copy,
+                              write_atomically)
 
 # Smaller slices are no MR image (clinical matrices start at 64): a wrong axis order, a mask.
 MIN_SLICE_SIZE = 8
@@ -87,11 +87,7 @@ def read_volume(path: StoragePath) -> tuple[np.ndarray, np.ndarray]:
   naming the file and the problem. A file in a bucket is copied to a local temporary folder
   to be read (nibabel reads files; `cached_pair` keeps the decoded result)."""
   try:
-    with tempfile.TemporaryDirectory(prefix='fsmnet-volume-') as folder:
-      local = path
-      if is_url(path):
-        local = Path(folder) / path.name
-        local.write_bytes(path.read_bytes())
+    with local_copy(path) as local:
       image = nib.load(str(local))
       shape, dtype = image.shape, image.get_data_dtype()
       if 0 not in shape and dtype.kind in 'biuf':
