@@ -1,6 +1,6 @@
 """A Google Cloud Storage server on this machine, for the tests and benchmarks of gs:// paths:
-gcp-storage-emulator's JSON API (objects in memory), sending the object generation headers that
-Cloud Storage sends with every download and tensorstore (orbax's arrays) requires.
+gcp-storage-emulator's JSON API (objects in memory), with two behaviours of Cloud Storage it
+lacks that tensorstore (orbax's arrays) and array_record (prepared shards) rely on.
 
 Usage: python scripts/gcs_emulator.py --port 9023 [--bucket fsmnet-test]
 then point the clients at it with the variables of `client_environment(url)`. From Python,
@@ -10,6 +10,7 @@ then point the clients at it with the variables of `client_environment(url)`. Fr
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -63,15 +64,24 @@ def start(bucket: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
       time.sleep(0.1)
 
 
-def _download_with_generation(download):
+def _download_as_cloud_storage(download):
+  """The emulator's download, plus two things Cloud Storage does: it sends the object's
+  generation headers (tensorstore requires them), and it answers a suffix range, bytes=-N, with
+  the last N bytes (array_record reads a file's tail so; the emulator sent the whole object)."""
   def patched(request, response, storage, *args, **kwargs):
     from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=import-outside-toplevel
+    bucket, name = request.params['bucket_name'], request.params['object_id']
     try:
-      saved = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
-      response['x-goog-generation'] = str(saved['generation'])
-      response['x-goog-metageneration'] = str(saved['metageneration'])
+      saved = storage.get_file_obj(bucket, name)
     except NotFound:
-      pass
+      return download(request, response, storage, *args, **kwargs)
+    response['x-goog-generation'] = str(saved['generation'])
+    response['x-goog-metageneration'] = str(saved['metageneration'])
+    suffix = re.fullmatch(r'\s*bytes=-(\d+)\s*', request.get_header('range') or '')
+    if suffix:  # as the range of the same bytes from an offset, which the emulator reads
+      size = len(storage.get_file(bucket, name))
+      request._request_handler.headers.replace_header(  # pylint: disable=protected-access
+          'range', f'bytes={max(size - int(suffix[1]), 0)}-')
     return download(request, response, storage, *args, **kwargs)
   return patched
 
@@ -79,10 +89,14 @@ def _download_with_generation(download):
 def serve(port: int, bucket: str) -> None:
   """Serves until killed."""
   # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator import server as emulator
   from gcp_storage_emulator.handlers import objects
-  from gcp_storage_emulator.server import create_server
-  objects.download = _download_with_generation(objects.download)
-  server = create_server('127.0.0.1', port, in_memory=True, default_bucket=bucket)
+  original = objects.download
+  objects.download = _download_as_cloud_storage(original)  # what objects.get calls (alt=media)
+  for _, methods in emulator.HANDLERS:  # and the routes that name it
+    methods.update({method: objects.download for method, handler in methods.items()
+                    if handler is original})
+  server = emulator.create_server('127.0.0.1', port, in_memory=True, default_bucket=bucket)
   server.start()
   while True:
     time.sleep(3600)

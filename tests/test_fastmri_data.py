@@ -59,3 +59,29 @@ def test_bad_files(knee_root, tmp_path):
   with pytest.raises(DataError, match='nan.h5: slice 1 holds NaN/inf'):
     fastmri.read_kspace_slice(nan, 1)
   fastmri.read_kspace_slice(nan, 0)
+
+
+def test_an_h5_file_in_a_bucket_is_not_closed_while_a_thread_reads_it(tmp_path, monkeypatch):
+  """The open files of a bucket: beyond the limit the least recently opened idle ones close,
+  never one a reader holds (M4Raw from a bucket, six files an example, failed with h5py's
+  'invalid identifier' when one was)."""
+  paths = []
+  for i in range(3):
+    paths.append(tmp_path / f'{i}.h5')
+    with h5py.File(paths[-1], 'w') as f:
+      f['kspace'] = np.full((2, 4, 4), i, np.complex64)
+
+  def open_local(url):
+    raw = open(url, 'rb')  # pylint: disable=consider-using-with  # closed with the h5 file
+    return fastmri._OpenFile(raw, h5py.File(raw, 'r'))  # pylint: disable=protected-access
+
+  monkeypatch.setattr(fastmri, '_open_in_bucket', open_local)
+  files = fastmri._BucketFiles(most=1)  # pylint: disable=protected-access
+  with files.open(paths[0]) as first:
+    with files.open(paths[1]) as second:  # one beyond the limit: the first is held
+      assert first.id.valid
+    with files.open(paths[2]) as third:  # the second is idle: closed
+      assert not second.id.valid and third['kspace'][0, 0, 0] == 2
+    assert first['kspace'][1, 0, 0] == 0
+  with files.open(paths[1]) as again:  # reopened; the first and third, idle, closed
+    assert again['kspace'][0, 0, 0] == 1 and not first.id.valid and not third.id.valid

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import threading
 import xml.etree.ElementTree as ElementTree
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -46,11 +46,23 @@ def _open_h5(path: StoragePath) -> Iterator[h5py.File]:
     yield f
 
 
+@dataclasses.dataclass
+class _OpenFile:
+  raw: Any  # the store's file object, which h5py reads through
+  h5: h5py.File
+  reading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+  users: int = 0  # threads between taking it and giving it back
+
+  def close(self) -> None:
+    self.h5.close()
+    self.raw.close()
+
+
 class _BucketFiles:
   """h5 files in buckets, open in this process: opening one costs several requests (its
   metadata), and every example reads a slice of two files. Each file is read by one thread at
-  a time (h5py reads through the file object's position); the least recently opened are
-  closed beyond `most`."""
+  a time (h5py reads through the file object's position); beyond `most` open, the least
+  recently opened that no thread holds are closed."""
 
   def __init__(self, most: int):
     self._most, self._files, self._lock = most, {}, threading.Lock()
@@ -60,24 +72,31 @@ class _BucketFiles:
     key = (os.getpid(), os.fspath(path))  # grain's worker processes open their own
     with self._lock:
       if key not in self._files:
-        while len(self._files) >= self._most:
-          raw, f, evicted_in_use = self._files.pop(next(iter(self._files)))
-          with evicted_in_use:  # once its reader is done
-            f.close()
-            raw.close()
-        import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs
-        # A plain read-ahead cache: gcsfs's default adds a background prefetcher per open
-        # file, whose threads outlive it.
-        store, name = fsspec.core.url_to_fs(key[1])
-        raw = store.open(name, 'rb', cache_type='readahead')
-        try:
-          self._files[key] = (raw, h5py.File(raw, 'r'), threading.Lock())
-        except Exception:
-          raw.close()
-          raise
-      _, f, in_use = self._files[key]
-    with in_use:
-      yield f
+        idle = [k for k, entry in self._files.items() if not entry.users]
+        for evicted in idle[:max(len(self._files) + 1 - self._most, 0)]:
+          self._files.pop(evicted).close()
+        self._files[key] = _open_in_bucket(key[1])
+      entry = self._files[key]
+      entry.users += 1
+    try:
+      with entry.reading:
+        yield entry.h5
+    finally:
+      with self._lock:
+        entry.users -= 1
+
+
+def _open_in_bucket(url: str) -> _OpenFile:
+  import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs
+  # A plain read-ahead cache: gcsfs's default adds a background prefetcher per open file, whose
+  # threads outlive it.
+  store, name = fsspec.core.url_to_fs(url)
+  raw = store.open(name, 'rb', cache_type='readahead')
+  try:
+    return _OpenFile(raw, h5py.File(raw, 'r'))
+  except Exception:
+    raw.close()
+    raise
 
 
 _BUCKET_FILES = _BucketFiles(most=16)
