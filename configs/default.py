@@ -82,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.every = 5_000  # steps between evaluations on the test split (and at the end)
   config.eval.batch_size = 4  # global
-  config.eval.max_batches = 0  # 0: the whole split
+  # Evaluation during training: the split's first max_batches global batches (0: all of it).
+  config.eval.max_batches = 0
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.model = 1  # devices per model replica; the rest form the `data` axis

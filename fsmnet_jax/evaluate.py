@@ -61,6 +61,15 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
   return result
 
 
+def even_shares(num_records: int, num_processes: int, global_batch: int, max_batches: int = 0
+                ) -> list[range]:
+  """The record keys each process evaluates: consecutive ranges of even length, of the whole
+  split or, with `max_batches`, of its first `max_batches` global batches whatever the number
+  of processes (each process's own first batches would be another subset for every count)."""
+  limit = min(num_records, max_batches * global_batch) if max_batches else num_records
+  return pipeline.even_ranges(limit, num_processes)
+
+
 class SplitEvaluator:
   """Scores every slice of a split with one jitted `eval_step`, its batches split over the
   `data` axis of `mesh` (training and fsmnet-eval: all processes' devices).
@@ -82,15 +91,13 @@ class SplitEvaluator:
     self._image_size = config.data.image_size
     rank = mesh_processes.index(jax.process_index())
     shares = (pipeline.volume_ranges(self.source, len(mesh_processes)) if whole_volumes
-              else pipeline.even_ranges(len(self.source), len(mesh_processes)))
+              else even_shares(len(self.source), len(mesh_processes), global_batch, max_batches))
     self._loader = pipeline.make_loader(config, split, self.batch_size, num_epochs=1,
                                         shuffle=False, source=self.source, records=shares[rank])
     self.num_slices = len(shares[rank])  # of this process
     self._num_batches = math.ceil(max(map(len, shares)) / self.batch_size)
-    if max_batches:
-      self._num_batches = min(self._num_batches, max_batches)
-    self._first_row = rank * self.batch_size
     self._rows = mesh_lib.rows(mesh)
+    self._own_rows = mesh_lib.process_rows(self._rows, global_batch)
     step = conv.specialized_for(mesh_lib.platform(mesh), functools.partial(
         eval_step, apply_fn=apply_fn, with_data_consistency=with_data_consistency,
         with_images=with_images))
@@ -116,7 +123,7 @@ class SplitEvaluator:
     """(record key, {method: {metric: value}}, images by name or {}) of each of this
     process's slices, in record order."""
     for keys, result, _ in self._batches(params):
-      for row, key in enumerate(keys, start=self._first_row):
+      for key, row in zip(keys, self._own_rows):
         yield (key, {m: {k: float(v[row]) for k, v in by_metric.items()}
                      for m, by_metric in result['metrics'].items()},
                {name: image[row] for name, image in result.get('images', {}).items()})

@@ -24,6 +24,14 @@ def rows(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
 
+def process_rows(sharding: NamedSharding, num_rows: int) -> list[int]:
+  """The rows of a (num_rows, ...) array split by `sharding` that this process holds, in the
+  order `global_batch` takes them from its local rows (not one range where the mesh
+  interleaves the processes' devices)."""
+  held = sharding.addressable_devices_indices_map((num_rows,)).values()
+  return sorted({row for (rows,) in held for row in range(*rows.indices(num_rows))})
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Arrays held whole by every device."""
   return NamedSharding(mesh, P())

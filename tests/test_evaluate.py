@@ -66,6 +66,17 @@ def test_table1_markdown():
   assert mdunet.splitlines()[-1].startswith('| MDUNet | 41.76 ± 1.88 |')
 
 
+@pytest.mark.parametrize('slices', [5, 37])
+def test_evaluating_max_batches_scores_the_same_slices_whatever_the_process_count(slices):
+  """The split's first batches, split over the processes (each process's own first batches
+  were another subset for each process count)."""
+  for processes in (1, 2, 4, 8):
+    shares = evaluate.even_shares(slices, processes, global_batch=8, max_batches=2)
+    assert [key for share in shares for key in share] == list(range(min(slices, 16)))
+    assert max(map(len, shares)) <= 2 * 8 // processes  # in at most max_batches steps
+  assert evaluate.even_shares(slices, 2, 8) == [range(0, slices // 2), range(slices // 2, slices)]
+
+
 def test_report_files_agree_with_each_other(evaluation):
   out, report = evaluation
   assert json.loads((out / 'metrics.json').read_text()) == report
