@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -29,8 +30,8 @@ from jax.sharding import Mesh
 from fsmnet_jax import conv, mesh as mesh_lib, metrics
 from fsmnet_jax.data import DataError, kspace, pipeline, transforms
 from fsmnet_jax.files import as_path, refuse_existing, write_atomically
-from fsmnet_jax.inference import data_consistency, pad_rows
-from fsmnet_jax.model import FSMNet
+from fsmnet_jax.inference import PRECISIONS, data_consistency, pad_rows
+from fsmnet_jax.model import FSMNet, apply_in_dtype
 from fsmnet_jax.reporting import ProgressBar, new_figure
 
 # Method keys of the reports (metrics.json, the CSV columns): 'fsmnet' is the evaluated
@@ -42,15 +43,15 @@ BATCH_KEYS = ('target_under', 'aux', 'target', 'mask', 'mean', 'std')
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
-              with_data_consistency: bool = False, with_images: bool = False
-              ) -> dict[str, Any]:
-  """Per-slice metrics (reference convention) of each method; `with_images`, the images too,
-  as intensities."""
-  outputs = apply_fn({'params': params}, batch['target_under'], batch['aux'])
+              with_data_consistency: bool = False, with_images: bool = False,
+              compute_dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+  """Per-slice metrics (reference convention) of each method, the network run in
+  `compute_dtype` and scored in float32; `with_images`, the images too, as intensities."""
+  outputs = apply_in_dtype(apply_fn, params, batch['target_under'], batch['aux'], compute_dtype)
   intensity = lambda x: transforms.denormalize_images(x, batch['mean'], batch['std'])
   target = intensity(batch['target'])
   images = {'zero_filled': intensity(batch['target_under']),
-            'fsmnet': intensity(outputs['img_out'])}
+            'fsmnet': intensity(outputs['img_out'].astype(jnp.float32))}
   if with_data_consistency:
     # The target's own k-space holds the measured samples (exact for simulated undersampling).
     images['fsmnet_dc'] = data_consistency(images['fsmnet'], kspace.fft2c_jnp(target),
@@ -82,7 +83,8 @@ class SplitEvaluator:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, apply_fn: Callable,
                split: str = 'test', *, with_data_consistency: bool = False,
-               with_images: bool = False, max_batches: int = 0, whole_volumes: bool = False):
+               with_images: bool = False, max_batches: int = 0, whole_volumes: bool = False,
+               compute_dtype: jnp.dtype = jnp.float32):
     self.source = pipeline.make_source(config, split)
     mesh_processes = mesh_lib.processes(mesh)
     data_size = mesh.shape['data']
@@ -100,7 +102,7 @@ class SplitEvaluator:
     self._own_rows = mesh_lib.process_rows(self._rows, global_batch)
     step = conv.specialized_for(mesh_lib.platform(mesh), functools.partial(
         eval_step, apply_fn=apply_fn, with_data_consistency=with_data_consistency,
-        with_images=with_images))
+        with_images=with_images, compute_dtype=compute_dtype))
     # Every process gets every row's scores (a few floats per slice): global means need them.
     self._step = jax.jit(lambda params, batch: (step(params, batch), batch['valid']),
                          in_shardings=(mesh_lib.replicated(mesh), self._rows),
@@ -255,14 +257,15 @@ class SplitScores:
 
 
 def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, split: str,
-                with_data_consistency: bool, num_panels: int) -> SplitScores:
+                with_data_consistency: bool, num_panels: int, precision: str = 'fp32'
+                ) -> SplitScores:
   """Scores every slice of `split` (in record order, so volume by volume), sharded over the
   devices of all processes; keeps the images of `num_panels` evenly spaced slices. Each process
   scores its share of the volumes, and every process returns the scores of all."""
   mesh = mesh_lib.make_mesh()
   evaluator = SplitEvaluator(config, mesh, model.apply, split,
                              with_data_consistency=with_data_consistency, with_images=True,
-                             whole_volumes=True)
+                             whole_volumes=True, compute_dtype=PRECISIONS[precision])
   source = evaluator.source
   ssim_fn = jax.jit(metrics.ssim)
   params = jax.device_put(params, mesh_lib.replicated(mesh))
@@ -300,10 +303,11 @@ def score_split(config: ml_collections.ConfigDict, params: Any, model: FSMNet, s
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
              out_dir: str | os.PathLike, split: str = 'test', with_data_consistency: bool = False,
-             num_panels: int = 4, overwrite: bool = False, checkpoint: str = '') -> dict[str, Any]:
-  """Evaluates `params` on `split` and writes the report files into `out_dir` (process 0 of a
-  multi-host run: the others score their share); returns metrics.json's content. Refuses an
-  existing `out_dir` unless `overwrite`."""
+             num_panels: int = 4, overwrite: bool = False, checkpoint: str = '',
+             precision: str = 'fp32') -> dict[str, Any]:
+  """Evaluates `params` on `split`, the network in `precision` (inference.PRECISIONS), and
+  writes the report files into `out_dir` (process 0 of a multi-host run: the others score their
+  share); returns metrics.json's content. Refuses an existing `out_dir` unless `overwrite`."""
   out_dir = as_path(out_dir)
   dataset = pipeline.underlying_dataset(config.data)
   if with_data_consistency and dataset in pipeline.MULTICOIL:
@@ -322,18 +326,21 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   refusal = mesh_lib.gather_objects(refusal)[0]
   if refusal:
     raise FileExistsError(refusal)
-  scores = score_split(config, params, model, split, with_data_consistency, num_panels)
+  scores = score_split(config, params, model, split, with_data_consistency, num_panels,
+                       precision)
   data = config.data
   network = type(model).__name__
   report = {
       'checkpoint': checkpoint, 'network': network, 'dataset': dataset, 'split': split,
       'acceleration': data.acceleration, 'mask_type': data.mask_type,
-      'image_size': data.image_size, 'num_subjects': len(scores.volumes),
+      'image_size': data.image_size, 'precision': precision,
+      'num_subjects': len(scores.volumes),
       'num_slices': len(scores.slices), 'data_consistency': with_data_consistency,
       'reference_convention': summarize(scores.slices, scores.methods),
       'fastmri_convention': summarize(scores.volumes, scores.methods),
   }
-  title = (f'### {dataset} {split} split, {data.acceleration}x {data.mask_type} mask: '
+  in_bf16 = ', the network in bf16' if precision == 'bf16' else ''
+  title = (f'### {dataset} {split} split, {data.acceleration}x {data.mask_type} mask{in_bf16}: '
            f'{len(scores.volumes)} subjects, {len(scores.slices)} slices')
   table = (table1_markdown(report['reference_convention'], data.acceleration, title, network)
            + '\nPer slice, on the reference convention (uint8, scikit-image defaults).\n\n'

@@ -4,7 +4,8 @@
 step folder of it, a `save_variables` folder (reference PyTorch `.pth`/`.pt`/`.safetensors`:
 `torch_port.checkpoint.load_params`). `Reconstructor` runs FSMNet on zero-filled and reference
 slices in their own intensities, batched and sharded over the local devices, compiled once per
-batch shape. `data_consistency` puts measured k-space samples back into a reconstruction.
+batch shape, in float32 or bfloat16. `data_consistency` puts measured k-space samples back into
+a reconstruction.
 """
 
 import functools
@@ -20,8 +21,13 @@ from fsmnet_jax import checkpoint as ckpt, conv, mesh as mesh_lib
 from fsmnet_jax.checkpoint import CheckpointError
 from fsmnet_jax.data import kspace, transforms
 from fsmnet_jax.files import StoragePath, absolute_path, as_path, default_cache_dir
-from fsmnet_jax.model import FSMNet, abstract_params, infer_model_from_params
+from fsmnet_jax.model import (FSMNet, abstract_params, apply_in_dtype,
+                              infer_model_from_params)
 
+# --precision of fsmnet-reconstruct, -export and -eval: the dtype the network computes in. bf16
+# is bfloat16 convolutions and matmuls (the FFT blocks and the output stay float32), for
+# accelerators and CPUs with bfloat16 units; docs/benchmarks.md has its speed and accuracy.
+PRECISIONS = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
 RUN_CONFIG = 'config.json'  # written by fsmnet-train into the workdir
 
@@ -84,13 +90,19 @@ def run_config_file(checkpoint: str | os.PathLike) -> StoragePath | None:
 
 
 def reconstruct_slices(params: Any, target_under: jax.Array, aux: jax.Array, *,
-                       apply_fn: Callable) -> jax.Array:
-  """FSMNet on (B, H, W) zero-filled target and reference intensities -> (B, H, W) target
-  intensities; each slice normalised as in training (`transforms.normalize_slices`)."""
+                       apply_fn: Callable, compute_dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """FSMNet on (B, H, W) zero-filled target and reference intensities -> (B, H, W) float32
+  target intensities; each slice normalised as in training (`transforms.normalize_slices`), the
+  network run in `compute_dtype` (PRECISIONS)."""
   model_under, mean, std = transforms.normalize_slices(target_under)
   model_aux, _, _ = transforms.normalize_slices(aux)
-  outputs = apply_fn({'params': params}, model_under, model_aux)
-  return transforms.denormalize(outputs['img_out'][..., 0], mean, std)
+  outputs = apply_in_dtype(apply_fn, params, model_under, model_aux, compute_dtype)
+  return transforms.denormalize(outputs['img_out'][..., 0].astype(jnp.float32), mean, std)
+
+
+def params_in(precision: str, params: Any) -> Any:
+  """`params` stored in `precision`'s dtype (bf16: half the memory and the artifact size)."""
+  return jax.tree_util.tree_map(lambda p: jnp.asarray(p, PRECISIONS[precision]), params)
 
 
 def data_consistency(image: jax.Array, measured: jax.Array, mask: jax.Array,
@@ -111,16 +123,18 @@ def data_consistency(image: jax.Array, measured: jax.Array, mask: jax.Array,
 
 class Reconstructor:
   """FSMNet on stacks of slices: batches of `batch_size` split over the local devices, the
-  last one padded, so one compiled function serves every volume of a given slice size."""
+  last one padded, so one compiled function serves every volume of a given slice size; the
+  network in `precision` (PRECISIONS)."""
 
-  def __init__(self, model: FSMNet, params: Any, batch_size: int = 8):
+  def __init__(self, model: FSMNet, params: Any, batch_size: int = 8, precision: str = 'fp32'):
     mesh = mesh_lib.make_mesh(jax.local_devices())
     data_size = mesh.shape['data']
     self.batch_size = math.ceil(batch_size / data_size) * data_size
     self._rows = mesh_lib.rows(mesh)
     replicated = mesh_lib.replicated(mesh)
-    self._params = jax.device_put(params, replicated)
-    apply = functools.partial(reconstruct_slices, apply_fn=model.apply)
+    self._params = jax.device_put(params_in(precision, params), replicated)
+    apply = functools.partial(reconstruct_slices, apply_fn=model.apply,
+                              compute_dtype=PRECISIONS[precision])
     self._apply = jax.jit(conv.specialized_for(mesh_lib.platform(mesh), apply),
                           in_shardings=(replicated, self._rows, self._rows),
                           out_shardings=self._rows)

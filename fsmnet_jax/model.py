@@ -199,6 +199,15 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
   raise ValueError(f'config.model_name={model_name!r}: use one of {", ".join(MODEL_NAMES)}')
 
 
+def apply_in_dtype(apply_fn: Callable, params: Any, target_under: jax.Array, aux: jax.Array,
+                   compute_dtype: jnp.dtype, **kwargs: Any) -> dict[str, jax.Array]:
+  """The network's outputs with its parameters and inputs in `compute_dtype` (bfloat16:
+  mixed precision; the FFT blocks compute in float32 themselves), returned in that dtype."""
+  cast = lambda x: x.astype(compute_dtype)
+  return apply_fn({'params': jax.tree_util.tree_map(cast, params)}, cast(target_under),
+                  cast(aux), **kwargs)
+
+
 def size_multiple(model_name: str) -> int:
   """What image sides must be a multiple of for `model_name`'s network."""
   return baselines.SIZE_MULTIPLE if model_name == 'mdunet' else DOWNSAMPLING_FACTOR

@@ -29,8 +29,8 @@ from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints, describe_error
 from fsmnet_jax.data import pipeline
 from fsmnet_jax.files import StagedFolder, StoragePath, as_path, write_atomically
-from fsmnet_jax.model import (MODEL_NAMES, abstract_params, build_model, init_variables,
-                              size_multiple)
+from fsmnet_jax.model import (MODEL_NAMES, abstract_params, apply_in_dtype, build_model,
+                              init_variables, size_multiple)
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
 from fsmnet_jax.throughput import Throughput, compiled_flops, peak_flops
 
@@ -206,10 +206,8 @@ def micro_batch_loss(apply_fn: Callable, params: Any, micro_batch: dict[str, jax
   in float32 themselves, and the loss is taken in the parameters' dtype (float32, or float64).
   """
   loss_dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-  cast = lambda x: x.astype(compute_dtype)
-  outputs = apply_fn({'params': jax.tree_util.tree_map(cast, params)},
-                     cast(micro_batch['target_under']), cast(micro_batch['aux']),
-                     rngs={'dropout': rng})
+  outputs = apply_in_dtype(apply_fn, params, micro_batch['target_under'], micro_batch['aux'],
+                           compute_dtype, rngs={'dropout': rng})
   outputs = {k: v.astype(loss_dtype) for k, v in outputs.items()}
   # The target too: batches come as float32, and a float32 FFT of the target would put float32
   # rounding into a float64 loss.

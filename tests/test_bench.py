@@ -87,11 +87,13 @@ def test_sweeps_cover_sizes_batches_and_devices():
     plan.plan(sweeps=('threads',))
 
 
-def test_bf16_rows_are_jax_mixed_precision_of_the_batched_headline_rows():
-  specs = plan.plan(frameworks=('jax', 'torch'), bf16=True)
+def test_bf16_rows_are_mixed_precision_of_the_headline_model_in_both_frameworks():
+  specs = plan.plan(frameworks=('jax', 'torch', 'torch-compile'), bf16=True)
   assert {(s.framework, s.task, s.model, s.size, s.batch) for s in specs
-          if s.dtype == 'bfloat16'} == {('jax', 'train', 'paper', 240, 4),
-                                         ('jax', 'infer', 'paper', 240, 8)}
+          if s.dtype == 'bfloat16'} == {(framework, task, 'paper', 240, batch)
+                                         for framework in ('jax', 'torch')
+                                         for task, batch in (('train', 4), ('infer', 1),
+                                                             ('infer', 8))}
   assert not any(s.dtype == 'bfloat16' for s in plan.plan(frameworks=('jax',)))
 
 
@@ -169,12 +171,20 @@ def test_report_of_sweeps_only_without_a_matmul():
       '', '', '| forced host devices | task | framework | s per call, median (range) | images/s | '
           'peak RSS GiB |', '|---|---|---|---|---|---|',
       '| 2 | train paper 128px b8 | JAX (jit) | 4 (4–4) | 2 | 1.50 |']
-  # A JAX row of the headline table without a measured peak: no MFU.
+  # A JAX row of the headline table without a measured peak: no MFU. bfloat16 against float32
+  # and against PyTorch's autocast.
   spec = Spec('jax', 'infer', dtype='bfloat16')
-  results = [_entry(spec, _timing(spec, [0.5], flops_per_image=2e9))]
+  results = [_entry(spec, _timing(spec, [0.5], flops_per_image=2e9)),
+             _entry(Spec('jax', 'infer', group='size'), _timing(spec, [4.0])),
+             _entry(Spec('torch', 'infer', dtype='bfloat16'), _timing(spec, [1.0]))]
   summary = report.summarize(results)
   assert summary['utilisation'] == {'infer paper 240px batch 1 bfloat16': {
       'gflop_per_image': 2.0, 'achieved_gflops_per_s': 4.0, 'mfu': None}}
+  assert summary['ratios'] == {'infer paper 240px batch 1 bfloat16: JAX / torch': 2.0}
+  results[1]['spec']['group'] = 'main'
+  assert report.summarize(results)['ratios'] == {
+      'infer paper 240px batch 1 bfloat16: JAX / torch': 2.0,
+      'infer paper 240px batch 1 bfloat16: JAX / JAX float32': 8.0}  # torch float32: absent
   text = report.format_report(results, summary, INFO)
   assert '| inference, paper 240px, batch 1, bfloat16 | 2 (2–2) |' in text
   assert 'Matmul peak: not measured.' in text
@@ -287,8 +297,8 @@ SMALLEST = [
     Spec('jax', 'infer', 'tiny', 32, 1, repeats=1),
     Spec('jax', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),
     Spec('torch', 'train', 'tiny', 32, 8, repeats=1),
-    Spec('torch-tuned', 'infer', 'tiny', 32, 1, repeats=1),
-    Spec('torch-compile', 'infer', 'tiny', 32, 2, dtype='bfloat16'),  # refused by its worker
+    Spec('torch-tuned', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),  # autocast
+    Spec('torch-compile', 'train', 'tiny', 32, 2, micro_batches=2),  # refused by its worker
     Spec('jax', 'matmul', 'tiny'),
     Spec('torch-tuned', 'matmul', 'tiny'),
     Spec('torch-tuned', 'flops', 'tiny', 32, 1),
@@ -368,8 +378,8 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
     if spec['framework'] == 'jax':
       assert measured['compile_s'] > 0 and measured['flops_per_image'] > 0
       assert measured['device_count'] == 1
-  assert result['torch-compile', 'infer', 2, 'bfloat16'] == {
-      'error': 'exit code 1: ValueError: torch-compile: only JAX runs bfloat16 or micro-batches'}
+  assert result['torch-compile', 'train', 2, 'float32'] == {
+      'error': 'exit code 1: ValueError: torch-compile: only JAX runs micro-batches'}
   for framework in ('jax', 'torch-tuned'):
     matmul = result[framework, 'matmul', 1, 'float32']
     assert set(matmul) == {'seconds', 'matmul_size', 'gflops_per_s', 'peak_rss_gib', 'threads',
@@ -380,11 +390,12 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
                         'wall_s'}
 
   jax_train, jax_infer = result['jax', 'train', 8, 'float32'], result['jax', 'infer', 1, 'float32']
+  jax_bf16 = result['jax', 'infer', 2, 'bfloat16']
   assert summary['ratios'] == {
       'train tiny 32px batch 8: JAX / torch': pytest.approx(
           jax_train['images_per_s'] / result['torch', 'train', 8, 'float32']['images_per_s']),
-      'infer tiny 32px batch 1: JAX / torch-tuned': pytest.approx(
-          jax_infer['images_per_s'] / result['torch-tuned', 'infer', 1, 'float32']['images_per_s'])}
+      'infer tiny 32px batch 2 bfloat16: JAX / torch-tuned': pytest.approx(
+          jax_bf16['images_per_s'] / result['torch-tuned', 'infer', 2, 'bfloat16']['images_per_s'])}
   peak = max(result[f, 'matmul', 1, 'float32']['gflops_per_s'] for f in ('jax', 'torch-tuned'))
   assert summary['matmul_peak_gflops_per_s'] == peak and summary['matmul_size'] == 2048
   assert summary['torch_flops_per_image'] == flops
@@ -406,13 +417,12 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   # A training step is about three forward passes. (Micro-batches' FLOPs: test_throughput.py.)
   assert 2 * torch_forward <= flops['train_flops_per_image'] <= 4 * torch_forward
   assert 2 * jax_forward <= jax_train['flops_per_image'] <= 4 * jax_forward
-  assert result['jax', 'infer', 2, 'bfloat16']['flops_per_image'] == pytest.approx(jax_forward,
-                                                                                     rel=0.5)
+  assert jax_bf16['flops_per_image'] == pytest.approx(jax_forward, rel=0.5)
 
   text = report.format_report(results, summary, machine)
   assert printed.out == f"{text}\n\n(total {machine['total_s']:.0f} s, interrupted)\n"
   assert '| train step, tiny 32px, batch 8 |' in text and '| JAX / PyTorch eager |' in text
   assert '| inference, tiny 32px, batch 2, bfloat16 |' in text
   assert 'Matmul peak (2048x2048' in text
-  assert ('Failed measurements:\n- torch-compile (infer tiny 32px): exit code 1: ValueError: '
-          'torch-compile: only JAX runs bfloat16 or micro-batches') in text
+  assert ('Failed measurements:\n- torch-compile (train tiny 32px): exit code 1: ValueError: '
+          'torch-compile: only JAX runs micro-batches') in text

@@ -272,9 +272,11 @@ def test_cli(tmp_path, capsys, knee, cli_inputs):
   assert 'zero-filled' in printed and 'dB' in printed
   pd, pdfs = knee
   assert reconstruct_cli.main([*common, '--kspace', str(pdfs), '--reference', str(pd),
-                               '--acceleration', '4', '--data-consistency',
-                               '--out', str(tmp_path / 'knee.h5')]) == 0
+                               '--acceleration', '4', '--data-consistency', '--precision',
+                               'bf16', '--out', str(tmp_path / 'knee.h5')]) == 0
   assert (tmp_path / 'knee_mask.npy').is_file()
+  with h5py.File(tmp_path / 'knee.h5') as f:
+    assert f['reconstruction'].dtype == np.float32
   assert reconstruct_cli.main([*common, '--t1', str(t1), '--kspace', str(pdfs),
                                '--out', str(tmp_path / 'x.nii.gz')]) == 2
   assert reconstruct_cli.main([*common, '--t1', str(t1), '--t2', str(t2), '--acceleration',

@@ -202,8 +202,14 @@ def load_model(checkpoint: Path, config_file: Path | None, default_config: str
   return config, params, model
 
 
+PRECISION_HELP = ('the network\'s compute dtype: fp32, or bf16 (bfloat16 convolutions; the FFT '
+                  'blocks and the output float32), for GPUs, TPUs and CPUs with bfloat16 units '
+                  '(docs/benchmarks.md: its speed and accuracy)')
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --config, --overwrite and --debug of the commands that load a model."""
+  """--checkpoint, --config, --overwrite, --debug and --precision of the commands that load a
+  model."""
   parser.add_argument('--checkpoint', type=as_path, required=True,
                       help='training workdir (latest step), step folder, variables folder, or '
                            'PyTorch .pth/.pt/.safetensors (needs torch)')
@@ -213,3 +219,5 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--overwrite', action='store_true',
                       help='replace existing outputs (default: refuse)')
   parser.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+  parser.add_argument('--precision', choices=list(inference.PRECISIONS), default='fp32',
+                      help=PRECISION_HELP)

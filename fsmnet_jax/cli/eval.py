@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from fsmnet_jax import evaluate, inference
 from fsmnet_jax.cli import distributed
-from fsmnet_jax.cli.common import load_params, run_absl_app
+from fsmnet_jax.cli.common import PRECISION_HELP, load_params, run_absl_app
 from fsmnet_jax.files import StoragePath, as_path
 from fsmnet_jax.model import build_model
 from fsmnet_jax.orbax_logs import quiet_orbax_logs
@@ -35,6 +35,7 @@ flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/eval_SPLIT for
 flags.DEFINE_bool('data_consistency', False, 'Also score FSMNet with the measured k-space '
                   'lines put back into its output.')
 flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).')
+flags.DEFINE_enum('precision', 'fp32', list(inference.PRECISIONS), PRECISION_HELP)
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output folder.')
 flags.DEFINE_bool('debug', False, 'Show tracebacks of errors, orbax\'s included.')
 flags.adopt_module_key_flags(distributed)
@@ -42,12 +43,15 @@ flags.mark_flags_as_required(['config', 'checkpoint'])
 FLAGS = flags.FLAGS
 
 
-def default_out_dir(checkpoint: StoragePath, split: str) -> StoragePath:
-  """WORKDIR/eval_SPLIT for a training run's checkpoint, else a sibling of the checkpoint."""
+def default_out_dir(checkpoint: StoragePath, split: str, precision: str = 'fp32'
+                    ) -> StoragePath:
+  """WORKDIR/eval_SPLIT (eval_SPLIT_bf16 in bf16) for a training run's checkpoint, else a
+  sibling of the checkpoint."""
+  name = f'eval_{split}' + ('' if precision == 'fp32' else f'_{precision}')
   run_config = inference.run_config_file(checkpoint)
   if run_config is not None:
-    return run_config.parent / f'eval_{split}'
-  return checkpoint.with_name(f'{checkpoint.stem}_eval_{split}')
+    return run_config.parent / name
+  return checkpoint.with_name(f'{checkpoint.stem}_{name}')
 
 
 def _setup() -> None:
@@ -58,10 +62,12 @@ def _setup() -> None:
 
 def _evaluate() -> None:
   config, checkpoint = FLAGS.config, as_path(FLAGS.checkpoint)
-  out = as_path(FLAGS.out) if FLAGS.out else default_out_dir(checkpoint, FLAGS.split)
+  out = (as_path(FLAGS.out) if FLAGS.out
+         else default_out_dir(checkpoint, FLAGS.split, FLAGS.precision))
   params, model = load_params(checkpoint, build_model(config))
   report = evaluate.evaluate(config, params, model, out, FLAGS.split, FLAGS.data_consistency,
-                             FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint))
+                             FLAGS.num_panels, FLAGS.overwrite, checkpoint=str(checkpoint),
+                             precision=FLAGS.precision)
   if jax.process_index() == 0:  # the one that wrote it
     print((out / 'table1.md').read_text())
   logging.info('%d subjects, %d slices: results in %s', report['num_subjects'],

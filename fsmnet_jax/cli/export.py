@@ -16,11 +16,11 @@ def _export(args: argparse.Namespace) -> int:
   config, params, model = load_model(args.checkpoint, args.config, 'default')
   size = args.image_size or config.data.image_size
   exported = export.export_inference(model, params, size, args.batch_size or None,
-                                     args.platforms.split(','))
+                                     args.platforms.split(','), args.precision)
   path = export.save_exported(exported, args.out, args.overwrite)
   batch = args.batch_size or 'any'
   print(f'wrote {path}: ({batch}, {size}, {size}) zero-filled and reference slices -> '
-        f'reconstruction, for {", ".join(exported.platforms)}; load it with '
+        f'reconstruction ({args.precision}), for {", ".join(exported.platforms)}; load it with '
         f'jax.export.deserialize(open(path, "rb").read()).call(under, reference)')
   return 0
 

@@ -26,7 +26,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
   inference.enable_compilation_cache()
   config, params, model = load_model(args.checkpoint, args.config,
                                      'fastmri_4x' if from_kspace else 'default')
-  reconstructor = inference.Reconstructor(model, params, args.batch_size)
+  reconstructor = inference.Reconstructor(model, params, args.batch_size, args.precision)
   settings = dict(out=args.out, acceleration=args.acceleration, seed=args.seed,
                   with_data_consistency=args.data_consistency, overwrite=args.overwrite)
   if from_kspace:

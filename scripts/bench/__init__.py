@@ -12,8 +12,8 @@ PyTorch runs twice: with glibc's default malloc, and with the tuned one of
 
 On a GPU both frameworks run float32 models with TF32 tensor-core convolutions and matmuls: XLA's
 default, and PyTorch's for convolutions (its matmuls are set to match); 'tuned' PyTorch also
-autotunes its cuDNN convolutions there, as XLA does. `--bf16` adds JAX rows with the training
-config's bfloat16 compute (`config.train.compute_dtype`).
+autotunes its cuDNN convolutions there, as XLA does. `--bf16` adds rows in bfloat16 mixed
+precision: JAX's (`config.train.compute_dtype`, `--precision bf16`) and PyTorch's autocast.
 
   fsmnet-bench                       # the headline table (paper model, 240 px), < 10 min on 2 cores
   fsmnet-bench --json bench.json     # the same, every figure also in a JSON file
@@ -72,8 +72,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
   parser.add_argument('--with-main', action='store_true',
                       help='with --sweep: measure the headline table too')
   parser.add_argument('--bf16', action='store_true',
-                      help='add JAX rows with bfloat16 compute (training step and batched '
-                           'inference of the headline model)')
+                      help='add rows in bfloat16 mixed precision, JAX\'s and PyTorch autocast '
+                           '(training step and inference of the headline model)')
   parser.add_argument('--whole-batch', action='store_true',
                       help='JAX trains the headline model on the whole batch, as on GPUs (by '
                            'default one micro-batch per image, the faster way on CPU)')

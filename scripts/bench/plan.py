@@ -32,7 +32,9 @@ class Spec:
   size: int = 240
   batch: int = 1
   devices: int = 1  # forced host devices (JAX on CPU; data-parallel over them)
-  dtype: str = 'float32'  # compute dtype of convolutions and matmuls (JAX only: 'bfloat16')
+  # Compute dtype of convolutions and matmuls: 'bfloat16' is JAX's mixed precision (as
+  # config.train.compute_dtype, --precision bf16) and PyTorch's autocast.
+  dtype: str = 'float32'
   micro_batches: int = 1  # JAX training step: config.train.grad_accum_steps
   repeats: int = 3
   warmup: int = 1
@@ -60,7 +62,8 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
     frameworks: keys of FRAMEWORKS.
     sweeps: 'size', 'batch' and/or 'devices': how time grows with each.
     repeats: timed runs per measurement.
-    bf16: adds JAX's mixed-precision training step and batched inference.
+    bf16: adds the headline model's training step and inference in bfloat16 mixed precision
+      (JAX's; PyTorch's autocast).
     micro_batched: JAX trains the headline model one image at a time, as README recommends on
       CPU (accelerators want the whole batch).
 
@@ -79,9 +82,9 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
       # inductor's C++ compile of the paper model would take most of the time budget here
       rows = [row for row in rows if row[1] == 'tiny']
     rows = [(*row, 'float32') for row in rows]
-    if bf16 and framework == 'jax':
+    if bf16:
       rows += [(task, model, size, batch, 'bfloat16') for task, model, size, batch, _ in rows
-               if batch > 1 and model == big_model]
+               if model == big_model and (task == 'infer' or batch > 1)]
     # The paper model's batched calls take 10-40 s each here: one timed run fewer keeps the
     # whole default run under 10 minutes on 2 cores. On CPU one micro-batch per image is the
     # same gradient ~1.5x faster, in a quarter of the memory (batch 4, 240 px).

@@ -61,11 +61,15 @@ def summarize(results: list[dict]) -> dict:
     key = f"{spec['task']} {spec['model']} {spec['size']}px batch {spec['batch']}"
     if spec['dtype'] != 'float32':
       key += f" {spec['dtype']}"
+    same = dict(task=spec['task'], model=spec['model'], size=spec['size'], batch=spec['batch'])
     for other in ('torch', 'torch-tuned', 'torch-compile'):
-      theirs = _find(main, framework=other, task=spec['task'], model=spec['model'],
-                     size=spec['size'], batch=spec['batch'], dtype='float32')
+      theirs = _find(main, framework=other, dtype=spec['dtype'], **same)
       if theirs:
         summary['ratios'][f'{key}: JAX / {other}'] = result['images_per_s'] / theirs['images_per_s']
+    in_float32 = _find(main, framework='jax', dtype='float32', **same)
+    if spec['dtype'] != 'float32' and in_float32:
+      summary['ratios'][f'{key}: JAX / JAX float32'] = (result['images_per_s']
+                                                        / in_float32['images_per_s'])
     flops = result.get('flops_per_image', 0.0)
     if flops:
       achieved = flops * result['images_per_s'] / 1e9

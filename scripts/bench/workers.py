@@ -82,7 +82,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     return _matmul_result(_timed(lambda: matmul(a, a).block_until_ready(), 2, 5), size)
 
   from fsmnet_jax import conv, mesh as mesh_lib, train
-  from fsmnet_jax.model import FSMNet
+  from fsmnet_jax.model import FSMNet, apply_in_dtype
   from fsmnet_jax.throughput import compiled_flops
   config = default.get_config()
   config.model.update(MODELS[spec.model])
@@ -106,13 +106,14 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
   else:
-    # As the training step's mixed precision: parameters and inputs in the compute dtype.
-    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), tree)
-    variables = jax.device_put(cast({'params': params}), mesh_lib.replicated(mesh))
-    under, aux = cast((under, aux))
+    # As the training step's mixed precision and --precision bf16: parameters and inputs in
+    # the compute dtype.
+    params = jax.device_put(jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), params),
+                            mesh_lib.replicated(mesh))
     apply = conv.specialized_for(mesh_lib.platform(mesh), model.apply)
-    compiled = jax.jit(apply).lower(variables, under, aux).compile()
-    run = lambda: jax.block_until_ready(compiled(variables, under, aux))
+    forward = lambda params, under, aux: apply_in_dtype(apply, params, under, aux, spec.dtype)
+    compiled = jax.jit(forward).lower(params, under, aux).compile()
+    run = lambda: jax.block_until_ready(compiled(params, under, aux))
   compile_s = time.perf_counter() - start
   seconds = _timed(run, spec.warmup, spec.repeats)
   flops = compiled_flops(compiled, spec.micro_batches if spec.task == 'train' else 1) or 0.0
@@ -166,6 +167,9 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
             'train_flops_per_image': counter.get_total_flops() / spec.batch}
 
   net = torch.compile(model) if use_compile else model
+  # bfloat16: PyTorch's mixed precision, autocast (its FFTs stay float32).
+  autocast = lambda: torch.autocast(device.type, torch.bfloat16,
+                                    enabled=spec.dtype == 'bfloat16')
   if spec.task == 'train':
     model.train()
     # The training config's optimiser (the reference's): clipping, then AdamW.
@@ -175,7 +179,9 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
 
     def run():
       optimizer.zero_grad(set_to_none=True)
-      reference_loss(net(under, aux), target).backward()
+      with autocast():
+        loss = reference_loss(net(under, aux), target)
+      loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), hyper.clip_norm)
       optimizer.step()
       sync()
@@ -183,7 +189,7 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
     model.eval()
 
     def run():
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         net(under, aux)
       sync()
   result = {}
@@ -203,8 +209,8 @@ def measure(spec_json: str, weights: str, cpus: str) -> None:
   _pin_threads([int(c) for c in cpus.split(',')])
   spec = Spec(**json.loads(spec_json))
   library, tunables, use_compile = FRAMEWORKS[spec.framework]
-  if (spec.dtype != 'float32' or spec.micro_batches > 1) and library != 'jax':
-    raise ValueError(f'{spec.framework}: only JAX runs {spec.dtype} or micro-batches')
+  if spec.micro_batches > 1 and library != 'jax':
+    raise ValueError(f'{spec.framework}: only JAX runs micro-batches')
   if library == 'jax':
     result = _jax_worker(spec, weights)
   else:
