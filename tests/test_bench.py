@@ -265,12 +265,16 @@ def test_command_line_runs_the_plan_and_fails_only_for_errors_that_count(tmp_pat
   launched.clear()
   assert fsmnet_bench.main(['--quick', '--sweep', 'size', '--with-main', '--threads', '1']) == 0
   assert {spec.group for spec, _, _ in launched} == {'main', 'size'}
+  launched.clear()
+  assert fsmnet_bench.main(['--quick', '--tasks', 'infer', '--bf16', '--threads', '1']) == 0
+  assert {spec.task for spec, _, _ in launched} == {'infer', 'matmul', 'flops'}
 
 
 @pytest.mark.parametrize('args, message', [
     (['--frameworks', 'jax,mxnet'], "--frameworks: unknown ['mxnet']"),
     (['--frameworks', ','], '--frameworks: unknown []'),
     (['--repeats', '0'], '--repeats must be at least 1'),
+    (['--tasks', 'infer,serve'], "--tasks: 'infer,serve'; choose from train, infer"),
     (['--threads', '100000'], '--threads must be between 1 and the'),
     (['--json', '.'], '--json .: not a file'),
 ])

@@ -18,6 +18,7 @@ precision: JAX's (`config.train.compute_dtype`, `--precision bf16`) and PyTorch'
   fsmnet-bench                       # the headline table (paper model, 240 px), < 10 min on 2 cores
   fsmnet-bench --json bench.json     # the same, every figure also in a JSON file
   fsmnet-bench --sweep size --sweep batch --sweep devices   # how time grows
+  fsmnet-bench --tasks infer --bf16  # inference only, float32 and bfloat16
 """
 
 import argparse
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                     micro_batched=not args.whole_batch)
   if args.sweep and not args.with_main:
     specs = [s for s in specs if s.group != 'main']
+  # (The machine's matmul peak and torch's FLOP count stay: the MFU figures need them.)
+  specs = [s for s in specs if s.task in args.tasks + ('matmul', 'flops')]
   info = report.machine_info(cpus)
   print(f"fsmnet-bench: {len(specs)} measurements, {len(cpus)} threads on CPUs {cpus}",
         file=sys.stderr, flush=True)
@@ -77,6 +80,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
   parser.add_argument('--whole-batch', action='store_true',
                       help='JAX trains the headline model on the whole batch, as on GPUs (by '
                            'default one micro-batch per image, the faster way on CPU)')
+  parser.add_argument('--tasks', default='train,infer',
+                      help='comma-separated subset of train, infer: the rows to measure')
   parser.add_argument('--quick', action='store_true',
                       help='tiny model at 16 px everywhere: checks the machinery in a minute')
   args = parser.parse_args(argv)
@@ -84,6 +89,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
   unknown = [f for f in args.frameworks if f not in FRAMEWORKS]
   if unknown or not args.frameworks:
     parser.error(f'--frameworks: unknown {unknown}; choose from {", ".join(FRAMEWORKS)}')
+  args.tasks = tuple(t for t in args.tasks.split(',') if t)
+  if not args.tasks or set(args.tasks) - {'train', 'infer'}:
+    parser.error(f'--tasks: {",".join(args.tasks)!r}; choose from train, infer')
   if args.repeats < 1:
     parser.error('--repeats must be at least 1')
   available = sorted(os.sched_getaffinity(0))
