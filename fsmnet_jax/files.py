@@ -44,7 +44,7 @@ def is_url(path: str | os.PathLike) -> bool:
 def files_under(root: StoragePath) -> list[StoragePath]:
   """Every file under the folder `root`, at any depth, sorted. For a URL one listing of its
   prefix (epath refuses `**` patterns there, and a bucket lists objects, never folders)."""
-  if not isinstance(root, epath.Path) or not is_url(root):
+  if not is_url(root):
     return sorted(p for p in Path(root).rglob('*') if p.is_file())
   import fsspec  # pylint: disable=import-outside-toplevel  # installed with gcsfs or s3fs
   scheme = os.fspath(root).split('://')[0]
