@@ -107,8 +107,7 @@ def simulate(reconstructor: Reconstructor, t2: np.ndarray, t1: np.ndarray, mask:
 
 def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigDict,
                       t1_path: StoragePath, t2_path: StoragePath, out: StoragePath,
-                      acceleration: int | None,
-                      seed: int, with_data_consistency: bool = False,
+                      acceleration: int | None, seed: int, with_data_consistency: bool = False,
                       overwrite: bool = False, align_by_headers: bool = False
                       ) -> Reconstruction:
   """T1-guided reconstruction of `t2_path` undersampled at `acceleration`, written to `out`
