@@ -4,6 +4,9 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import grain.python as grain
@@ -11,12 +14,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fsmnet_jax.files import StoragePath, absolute_path, as_path, write_atomically
+from fsmnet_jax.files import (StoragePath, absolute_path, as_path, download, is_url, local_copy,
+                              orbax_reaches, upload, write_atomically)
 from fsmnet_jax.orbax_logs import (drop_orbax_stragglers, hide_missing_step_metadata,
                                    hide_orbax_logs)
 
 
 TRAIN_CHECKPOINT_DIR = 'checkpoints'  # in a training workdir
+# Orbax's mark of a complete step folder in a bucket, where a folder cannot be renamed into
+# place: written last.
+COMMIT_MARK = 'commit_success.txt'
 
 
 class CheckpointError(ValueError):
@@ -45,15 +52,18 @@ def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: no such checkpoint folder')
   with _reading(directory, 'orbax checkpoint'):
-    restored = _restore_as_numpy(absolute_path(directory))
+    restored = restore_as_numpy(absolute_path(directory))
   if not isinstance(restored, dict) or 'params' not in restored:
     raise CheckpointError(f'{directory}: holds no "params" tree')
   return {'params': restored['params']}
 
 
-def _restore_as_numpy(path: StoragePath) -> Any:
+def restore_as_numpy(path: StoragePath) -> Any:
   """The tree saved in `path`, as numpy arrays whole on every process (whatever devices and
   processes saved it: restored as saved, orbax refuses another topology)."""
+  if not orbax_reaches(path):
+    with local_copy(path) as local:
+      return restore_as_numpy(local)
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata
     if metadata is None:
@@ -70,10 +80,13 @@ class TrainCheckpoints:
   and the grain iterator position of every process ('data'). Saves are asynchronous and
   atomic: a save cut short (a kill -9) leaves a temporary folder that is never restored and is
   cleaned up at the next start. The latest `keep` are kept, plus the best by `best_metric`.
+  In a store orbax cannot write (s3://) orbax works in a local `_StagedSteps` folder, and
+  each save is uploaded before `save` returns.
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int, best_metric: str):
     self.directory = absolute_path(directory)
+    self._staged = None if orbax_reaches(self.directory) else _StagedSteps(self.directory)
     policies = ocp.checkpoint_managers.preservation_policy
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(keep),
@@ -84,7 +97,7 @@ class TrainCheckpoints:
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
+        self._staged.local if self._staged else self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.PyGrainCheckpointHandler()})
     self._step_in_flight = None
@@ -132,6 +145,8 @@ class TrainCheckpoints:
     except Exception as e:  # an OSError, or whatever tensorstore raises for it
       raise self._write_error(step, e) from e
     self._step_in_flight = step
+    if self._staged:
+      self._finish_save_in_flight()
 
   def close(self) -> None:
     """Waits for a save in flight, then releases the manager."""
@@ -139,6 +154,8 @@ class TrainCheckpoints:
       self._finish_save_in_flight()
     finally:
       self._manager.close()
+      if self._staged:
+        self._staged.close()
 
   def _finish_save_in_flight(self) -> None:
     step, self._step_in_flight = self._step_in_flight, None
@@ -146,7 +163,9 @@ class TrainCheckpoints:
       return
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # an OSError, or whatever tensorstore raises for it
+      if self._staged:
+        self._staged.upload()
+    except Exception as e:  # an OSError, or whatever tensorstore or the store raises for it
       raise self._write_error(step, e) from e
 
   def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
@@ -157,6 +176,41 @@ class TrainCheckpoints:
     return CheckpointWriteError(
         f'{self.directory}: could not write the checkpoint of step {step} '
         f'({_os_reason(error)}); {kept}')
+
+
+class _StagedSteps:
+  """A local mirror of the step folders in `remote`, a store orbax cannot write: it starts
+  with the complete ones; `upload` sends each new step folder, its COMMIT_MARK last, and
+  removes from `remote` the steps removed here (those orbax's preservation policy dropped, and
+  any upload cut short)."""
+
+  def __init__(self, remote: StoragePath):
+    if jax.process_count() > 1:
+      # Orbax's multi-process saves need one folder that every process writes.
+      raise CheckpointError(f'{remote}: orbax cannot write this store, and checkpoints '
+                            f'staged on each of {jax.process_count()} hosts would not make '
+                            f'one checkpoint; use gs:// or a shared file system')
+    self.remote = remote
+    self.local = Path(tempfile.mkdtemp(prefix='fsmnet-checkpoints-'))
+    for step in _complete_steps(remote):
+      download(step, self.local / step.name)
+
+  def upload(self) -> None:
+    local = {p.name for p in self.local.iterdir() if p.name.isdigit()}
+    remote = ({p.name: p for p in self.remote.iterdir() if p.name.isdigit()}
+              if self.remote.is_dir() else {})
+    complete = {p.name for p in _complete_steps(self.remote)}
+    for name in sorted(local - complete, key=int):
+      # Orbax writes its COMMIT_MARK in local step folders too.
+      upload(self.local / name, self.remote / name, last=COMMIT_MARK)
+    for name in remote.keys() - local:
+      mark = remote[name] / COMMIT_MARK
+      if mark.exists():  # first: a removal cut short leaves an incomplete step, never restored
+        mark.unlink()
+      remote[name].rmtree()
+
+  def close(self) -> None:
+    shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _os_reason(error: Exception) -> str:
@@ -210,11 +264,11 @@ def latest_train_step(workdir: str | os.PathLike) -> StoragePath | None:
 def _complete_steps(directory: StoragePath) -> list[StoragePath]:
   """The step folders of complete saves. A save in progress, or cut short, is a temporary
   folder whose name is not a plain step number, or in a bucket (no rename there) a step folder
-  without orbax's commit_success.txt."""
+  without its COMMIT_MARK."""
   if not directory.is_dir():
     return []
-  return [p for p in directory.iterdir()
-          if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p)]
+  return [p for p in directory.iterdir() if p.name.isdigit() and (
+      (p / COMMIT_MARK).exists() if is_url(p) else ocp.utils.is_checkpoint_finalized(p))]
 
 
 def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
@@ -225,7 +279,7 @@ def load_train_params(step_folder: str | os.PathLike) -> dict[str, Any]:
   absl_logger.addFilter(hide_missing_step_metadata)
   try:
     with _reading(path.parent, 'training checkpoint'):
-      state = _restore_as_numpy(path)
+      state = restore_as_numpy(path)
   finally:
     absl_logger.removeFilter(hide_missing_step_metadata)
   if not isinstance(state, dict) or 'params' not in state:

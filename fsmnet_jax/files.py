@@ -6,6 +6,8 @@ gives a URL as an `etils.epath.Path` (what orbax takes), whose backend (gcsfs, s
 the store. Object stores have no rename and no append: outputs for a URL are written locally
 first and uploaded once complete (`write_together`), and files that grow (metrics, TensorBoard
 events, profiles) are written to a local `StagedFolder` and uploaded whole at each `sync`.
+Orbax reaches local paths and gs:// only (`orbax_reaches`); checkpoints elsewhere go through
+local copies.
 """
 
 import contextlib
@@ -41,6 +43,13 @@ def is_url(path: str | os.PathLike) -> bool:
   return '://' in os.fspath(path)
 
 
+def orbax_reaches(path: str | os.PathLike) -> bool:
+  """Whether orbax reads and writes `path` itself: its tensorstore specs (orbax-checkpoint
+  0.12.8) name the local file and gcs drivers only, and fold other URLs (s3://) into a
+  relative local path."""
+  return not is_url(path) or os.fspath(path).startswith('gs://')
+
+
 def files_under(root: StoragePath) -> list[StoragePath]:
   """Every file under the folder `root`, at any depth, sorted. For a URL one listing of its
   prefix (epath refuses `**` patterns there, and a bucket lists objects, never folders)."""
@@ -53,17 +62,33 @@ def files_under(root: StoragePath) -> list[StoragePath]:
 
 
 @contextlib.contextmanager
-def local_copy(file: StoragePath) -> Iterator[Path]:
-  """`file` itself if local, else a copy of it in a temporary folder, removed on exit: for
-  readers of local files (nibabel, h5py) given a file in a bucket."""
-  if not is_url(file):
-    yield Path(file)
+def local_copy(path: StoragePath) -> Iterator[Path]:
+  """`path` itself if local, else a copy of that file or folder in a temporary folder, removed
+  on exit: for readers of local files (nibabel, h5py, orbax) given a path in a bucket."""
+  if not is_url(path):
+    yield Path(path)
     return
   with tempfile.TemporaryDirectory(prefix='fsmnet-download-') as folder:
-    local = Path(folder) / file.name
-    with file.open('rb') as source, local.open('wb') as copy:
-      shutil.copyfileobj(source, copy, _COPY_CHUNK)
+    local = Path(folder) / path.name
+    download(path, local)
     yield local
+
+
+def download(remote: StoragePath, local: Path) -> None:
+  """Copies the file or folder `remote` (a URL) to `local`."""
+  if not remote.is_dir():
+    _copy(remote, local)
+    return
+  prefix = os.fspath(remote).rstrip('/') + '/'
+  for file in files_under(remote):
+    target = local / os.fspath(file)[len(prefix):]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _copy(file, target)
+
+
+def _copy(source: StoragePath, target: StoragePath) -> None:
+  with source.open('rb') as reader, target.open('wb') as writer:
+    shutil.copyfileobj(reader, writer, _COPY_CHUNK)  # shards of hundreds of MB, in pieces
 
 
 def size_of(file: StoragePath) -> int:
@@ -140,17 +165,19 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
         leftover.unlink()
 
 
-def upload(local: Path, destination: StoragePath) -> None:
-  """Copies a local file or folder to `destination` (a URL), replacing what is there."""
+def upload(local: Path, destination: StoragePath, last: str | None = None) -> None:
+  """Copies a local file or folder to `destination` (a URL), replacing what is there; the
+  folder's file `last` (a mark of completeness) after all the others."""
   if destination.is_dir():
     destination.rmtree()
   elif destination.exists():
     destination.unlink()
   files = [local] if local.is_file() else sorted(p for p in local.rglob('*') if p.is_file())
+  if last:
+    files.sort(key=lambda p: p == local / last)
   for file in files:
-    target = destination if file == local else destination / file.relative_to(local).as_posix()
-    with file.open('rb') as source, target.open('wb') as copy:
-      shutil.copyfileobj(source, copy, _COPY_CHUNK)  # shards of hundreds of MB, in pieces
+    _copy(file, destination if file == local else
+          destination / file.relative_to(local).as_posix())
 
 
 class StagedFolder:

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints, describe_error
 from fsmnet_jax.data import pipeline
-from fsmnet_jax.files import StagedFolder, StoragePath, as_path, write_atomically
+from fsmnet_jax.files import StagedFolder, StoragePath, as_path, is_url, write_atomically
 from fsmnet_jax.model import (MODEL_NAMES, abstract_params, apply_in_dtype, build_model,
                               init_variables, size_multiple)
 from fsmnet_jax.reporting import MetricWriter, ProgressBar
@@ -394,7 +394,8 @@ def _check_writable(workdir: StoragePath) -> None:
   bucket URL: no such bucket, no credentials, unreachable)."""
   probe = workdir / TRAIN_CHECKPOINT_DIR / f'.write-check-{os.getpid()}'
   try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(workdir):  # a bucket has no folders (and s3fs would create a missing bucket)
+      probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_bytes(b'')
     probe.unlink()
   except Exception as e:  # OSError, or what the store's client raises for it

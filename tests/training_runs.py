@@ -21,8 +21,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from fsmnet_jax.checkpoint import restore_as_numpy
 from fsmnet_jax.files import absolute_path, as_path
 from fsmnet_jax.model import FSMNet, init_variables
 
@@ -107,11 +107,8 @@ def saved_steps(workdir: Path) -> list[int]:
 
 def saved_state(workdir: Path, step: int | None = None) -> dict:
   """The saved train state as numpy (whatever devices saved it)."""
-  path = absolute_path(workdir) / 'checkpoints' / str(step or saved_steps(workdir)[-1]) / 'state'
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  return restore_as_numpy(absolute_path(workdir) / 'checkpoints' /
+                          str(step or saved_steps(workdir)[-1]) / 'state')
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

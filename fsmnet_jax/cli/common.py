@@ -9,6 +9,7 @@ written are removed, never left half-written.
 import argparse
 import importlib.util
 import json
+import logging
 import signal
 import sys
 import threading
@@ -89,6 +90,9 @@ def run_absl_app(program: str, command: Callable[[], int | None], module_name: s
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     absl_logging.set_verbosity(absl_logging.INFO)
+    # boto's INFO lines (where it found credentials and the endpoint) come with every s3 client.
+    for boto in ('botocore', 'aiobotocore'):
+      logging.getLogger(boto).setLevel(logging.WARNING)
     setup()
     sys.exit(run_reporting_errors(program, command, flags.FLAGS.debug))
 
