@@ -246,20 +246,29 @@ def test_checkpoints_in_a_store_orbax_cannot_write_are_uploaded_whole_or_never_r
     checkpoint.TrainCheckpoints(directory, keep=2, best_metric='eval_psnr')
 
 
-@pytest.mark.parametrize('where', ['no such bucket', 'unreachable'])
+@pytest.mark.parametrize('problem', ['no such bucket', 'unreachable', 'no credentials'])
 def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
-    tmp_path, data_root, compile_cache, store, where):
+    tmp_path, data_root, compile_cache, store, problem, monkeypatch):
   env = dict(store.env)
   reason = {('no such bucket', 'gs'): 'FileNotFoundError',  # the store answers 404
             ('no such bucket', 's3'): 'The specified bucket does not exist',
             ('unreachable', 'gs'): 'Connect call failed',
-            ('unreachable', 's3'): 'Could not connect to the endpoint URL'}[where, store.scheme]
-  if where == 'unreachable':
-    where = f'{store.bucket}/run'
+            ('unreachable', 's3'): 'Could not connect to the endpoint URL',
+            ('no credentials', 'gs'): 'DefaultCredentialsError',
+            ('no credentials', 's3'): 'NoCredentialsError'}[problem, store.scheme]
+  bucket = f'{store.scheme}://no-such-bucket' if problem == 'no such bucket' else store.bucket
+  where = f'{bucket}/run'
+  if problem == 'unreachable':
     nobody = f'http://127.0.0.1:{free_port()}'
     env.update({name: nobody for name, value in store.env.items() if value == store.url})
-  else:
-    where = f'{store.scheme}://no-such-bucket/run'
+  if problem == 'no credentials':  # none for either client, wherever it looks
+    for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'GOOGLE_AUTH_TOKEN_FOR_TESTING'):
+      monkeypatch.delenv(name, raising=False)
+      env.pop(name, None)
+    missing = str(tmp_path / 'missing')
+    env.update(AWS_SHARED_CREDENTIALS_FILE=missing, AWS_CONFIG_FILE=missing,
+               AWS_EC2_METADATA_DISABLED='true', GOOGLE_APPLICATION_CREDENTIALS=missing,
+               FSSPEC_GCS=json.dumps({'token': 'google_default', 'use_listings_cache': False}))
   started = time.monotonic()
   result = _bucket_run(where, data_root, compile_cache, env)
   assert result.returncode == 2, result.stderr[-3000:]
