@@ -131,12 +131,25 @@ def test_a_data_set_in_a_bucket_gives_the_slices_of_its_files(tmp_path, data_roo
       np.testing.assert_array_equal(read[key], value, err_msg=key)
 
 
+_EVALUATE = [sys.executable, '-m', 'fsmnet_jax.cli.eval', '--config',
+             str(REPO / 'configs/tiny.py'), '--config.eval.batch_size=8', *SPATIAL_ONLY,
+             '--num_panels=1']
+
+
+@pytest.fixture(scope='module')
+def local_run(tmp_path_factory, data_root, compile_cache):
+  """Six steps on the local files, uninterrupted, and fsmnet-eval's report of them: the folder."""
+  local = tmp_path_factory.mktemp('local') / 'run'
+  train_run(local, data_root, compile_cache)
+  subprocess.run([*_EVALUATE, f'--config.data.root={data_root}', f'--checkpoint={local}'],
+                 check=True, capture_output=True, env=cli_env(1, compile_cache), timeout=600)
+  return local
+
+
 def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_root, bucket_data,
-                                                                compile_cache, store):
+                                                                compile_cache, store, local_run):
   """Its data too (the demo's BraTS layout; the split written there), and the run equals the
   run of the local files."""
-  local = tmp_path / 'local'
-  train_run(local, data_root, compile_cache)  # six steps, uninterrupted
   in_bucket = (f'--config.data.root={bucket_data}',
                f'--config.data.split_file={bucket_data}/split.json')
   workdir = f'{store.bucket}/runs/tiny'
@@ -166,7 +179,7 @@ def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_ro
   # The latest three (config.train.keep_checkpoints) of the killed run's complete steps and
   # the last: those dropped, and any step cut short, are gone from the bucket.
   assert saved_steps(workdir) == [*range(1, killed_at + 1), 6][-3:]
-  assert_bitwise_equal(saved_state(workdir, 6), saved_state(local, 6))
+  assert_bitwise_equal(saved_state(workdir, 6), saved_state(local_run, 6))
   # What the run logged, in the bucket: metrics of every step (those after the last checkpoint
   # the killed start made again), its config and TensorBoard's events.
   logged = [json.loads(line) for line in (as_path(workdir) / 'metrics.jsonl').read_text()
@@ -180,15 +193,12 @@ def test_a_run_in_a_bucket_killed_and_resumed_is_the_local_run(tmp_path, data_ro
 
   # fsmnet-eval reads the bucket's latest step and writes its report beside it, as it does
   # for the local run.
-  evaluate = [sys.executable, '-m', 'fsmnet_jax.cli.eval', '--config',
-              str(REPO / 'configs/tiny.py'), f'--config.data.root={data_root}',
-              '--config.eval.batch_size=8', *SPATIAL_ONLY, '--num_panels=1']
-  for run in (workdir, local):
-    done = subprocess.run([*evaluate, f'--checkpoint={run}'], capture_output=True, text=True,
-                          env={**cli_env(1, compile_cache), **store.env}, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+  done = subprocess.run([*_EVALUATE, f'--config.data.root={data_root}', f'--checkpoint={workdir}'],
+                        capture_output=True, text=True,
+                        env={**cli_env(1, compile_cache), **store.env}, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
   reports = [json.loads((as_path(run) / 'eval_test' / 'metrics.json').read_text())
-             for run in (workdir, local)]
+             for run in (workdir, local_run)]
   assert reports[0].pop('checkpoint') == workdir
   reports[1].pop('checkpoint')
   assert reports[0] == reports[1]
