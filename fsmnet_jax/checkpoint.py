@@ -4,7 +4,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -191,7 +190,9 @@ class _StagedSteps:
                             f'staged on each of {jax.process_count()} hosts would not make '
                             f'one checkpoint; use gs:// or a shared file system')
     self.remote = remote
-    self.local = Path(tempfile.mkdtemp(prefix='fsmnet-checkpoints-'))
+    # Removed by close(), or at exit when a start fails before training (a wrong config).
+    self._folder = tempfile.TemporaryDirectory(prefix='fsmnet-checkpoints-')
+    self.local = Path(self._folder.name)
     for step in _complete_steps(remote):
       download(step, self.local / step.name)
 
@@ -210,7 +211,7 @@ class _StagedSteps:
       remote[name].rmtree()
 
   def close(self) -> None:
-    shutil.rmtree(self.local, ignore_errors=True)
+    self._folder.cleanup()
 
 
 def _os_reason(error: Exception) -> str:
