@@ -179,9 +179,9 @@ class TrainCheckpoints:
 
 class _StagedSteps:
   """A local mirror of the step folders in `remote`, a store orbax cannot write: it starts
-  with the complete ones; `upload` sends each new step folder, its COMMIT_MARK last, and
-  removes from `remote` the steps removed here (those orbax's preservation policy dropped, and
-  any upload cut short)."""
+  with the complete ones (removing from `remote` the others, uploads or removals cut short);
+  `upload` sends each new step folder, its COMMIT_MARK last, and removes from `remote` the
+  steps orbax's preservation policy dropped here, their COMMIT_MARK first."""
 
   def __init__(self, remote: StoragePath):
     if jax.process_count() > 1:
@@ -193,22 +193,24 @@ class _StagedSteps:
     # Removed by close(), or at exit when a start fails before training (a wrong config).
     self._folder = tempfile.TemporaryDirectory(prefix='fsmnet-checkpoints-')
     self.local = Path(self._folder.name)
+    self._uploaded = set()  # the complete steps in `remote`: only this process writes there
     for step in _complete_steps(remote):
       download(step, self.local / step.name)
+      self._uploaded.add(step.name)
+    for folder in remote.iterdir() if remote.is_dir() else []:
+      if folder.name.isdigit() and folder.name not in self._uploaded:
+        folder.rmtree()
 
   def upload(self) -> None:
     local = {p.name for p in self.local.iterdir() if p.name.isdigit()}
-    remote = ({p.name: p for p in self.remote.iterdir() if p.name.isdigit()}
-              if self.remote.is_dir() else {})
-    complete = {p.name for p in _complete_steps(self.remote)}
-    for name in sorted(local - complete, key=int):
+    for name in sorted(local - self._uploaded, key=int):
       # Orbax writes its COMMIT_MARK in local step folders too.
       upload(self.local / name, self.remote / name, last=COMMIT_MARK)
-    for name in remote.keys() - local:
-      mark = remote[name] / COMMIT_MARK
-      if mark.exists():  # first: a removal cut short leaves an incomplete step, never restored
-        mark.unlink()
-      remote[name].rmtree()
+      self._uploaded.add(name)
+    for name in sorted(self._uploaded - local, key=int):
+      (self.remote / name / COMMIT_MARK).unlink()  # a removal cut short is never restored
+      (self.remote / name).rmtree()
+      self._uploaded.remove(name)
 
   def close(self) -> None:
     self._folder.cleanup()
