@@ -100,13 +100,17 @@ def test_kill_9_anywhere_resumes_bitwise_identically(tmp_path, data_root, compil
       process = subprocess.Popen(cli_command(tmp_path, data_root, *flags),
                                  env=cli_env(8, compile_cache), stdout=subprocess.DEVNULL,
                                  stderr=stderr, cwd=REPO)
-    if kill in (0, 3):  # during the save of the first step this start trains
+    # Every start but the last stops before checkpoint 6 completes, whatever the machine's
+    # speed: the last one trains to the end.
+    if kill in (0, 3) or next_step == 6:  # during the save of the first step this start trains
       _wait_for(lambda: f'step {next_step}: train' in log.read_text(),
                 f'step {next_step} in {log}')
       time.sleep(rng.uniform(0, 0.2))
-    else:  # anywhere after the first checkpoint this start completes
+    else:  # anywhere after the first checkpoint this start completes, up to checkpoint 5
       _wait_for(lambda: next_step in saved_steps(tmp_path), f'checkpoint {next_step}')
-      time.sleep(rng.uniform(0, 3))
+      deadline = time.monotonic() + rng.uniform(0, 3)
+      while time.monotonic() < deadline and saved_steps(tmp_path)[-1] < 5:
+        time.sleep(0.02)
     process.kill()
     assert process.wait() == -9, log.read_text()[-3000:]
     if complete:  # this start resumed from the last complete checkpoint

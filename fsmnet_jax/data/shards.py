@@ -18,6 +18,7 @@ import concurrent.futures
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,8 +46,14 @@ def encode(example: dict[str, Any], with_kspace: bool) -> bytes:
   return buffer.getvalue()
 
 
+# np.load parses each array's header with ast.literal_eval, and CPython 3.11's ast is not
+# thread-safe ("SystemError: AST constructor recursion depth mismatch", seen with grain's reader
+# threads on 3.11.7): one record is decoded at a time (a copy out of memory, not the I/O).
+_DECODING = threading.Lock()
+
+
 def decode(record: bytes) -> dict[str, np.ndarray]:
-  with np.load(io.BytesIO(record), allow_pickle=False) as arrays:
+  with _DECODING, np.load(io.BytesIO(record), allow_pickle=False) as arrays:
     return {key: arrays[key] for key in arrays.files}
 
 
