@@ -71,6 +71,10 @@ def _plain_conv2d(x: jax.Array, kernel: jax.Array, feature_group_count: int) -> 
 # far slower than k*k shifted slices of the padded input scaled per channel.
 
 
+# The named scopes label these ops in profiles (fsmnet-bench --profile's op classes).
+
+
+@jax.named_scope('depthwise_conv')
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
   k = kernel.shape[0]
   height, width = x.shape[1:3]
@@ -95,6 +99,7 @@ def _depthwise_forward(x, kernel):
   return _shifted_sum(x, kernel), (x, kernel)
 
 
+@jax.named_scope('depthwise_conv')
 def _depthwise_backward(residuals, grad):
   x, kernel = residuals
   k = kernel.shape[0]
@@ -138,7 +143,8 @@ def _explicit_backward(per_sample_kernel_grad, residuals, grad):
   x, kernel = residuals
   # The input gradient: the same convolution of the output gradient, the kernel flipped in
   # space and its input and output channels swapped.
-  dx = _plain_conv2d(grad, kernel[::-1, ::-1].swapaxes(2, 3), feature_group_count=1)
+  with jax.named_scope('conv_input_gradient'):
+    dx = _plain_conv2d(grad, kernel[::-1, ::-1].swapaxes(2, 3), feature_group_count=1)
   if per_sample_kernel_grad:
     dk = functools.reduce(jnp.add, [_kernel_gradient(x[i:i + 1], grad[i:i + 1], kernel.shape[0])
                                     for i in range(x.shape[0])])
@@ -147,6 +153,7 @@ def _explicit_backward(per_sample_kernel_grad, residuals, grad):
   return dx, dk
 
 
+@jax.named_scope('conv_kernel_gradient')
 def _kernel_gradient(x: jax.Array, grad: jax.Array, k: int) -> jax.Array:
   """dK[a, b, i, o] = sum over n, h, w of x_padded[n, h + a, w + b, i] * grad[n, h, w, o]: a
   convolution of x, channels as batch, by the output gradient, batch as input channels."""
