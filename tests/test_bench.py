@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import fsmnet_bench
-from fsmnet_bench import launch, plan, report
+from fsmnet_bench import launch, plan, profile, report
 from fsmnet_bench.plan import Spec
 from fsmnet_jax.configs import tiny
 from training_runs import UNOPTIMIZED_FLAGS, compile_cache_env
@@ -218,6 +218,25 @@ def test_machine_info_names_the_cpu_and_versions_without_importing_them():
                                                         'torch'}
 
 
+def test_profile_shares_overlapping_ops_wall_clock_time():
+  # ns: a alone 0-5, a and b 5-10, b alone 10-15, nothing 15-20, a again 20-30.
+  seconds = profile.wall_shares([(0, 10, 'a'), (5, 15, 'b'), (20, 30, 'a')])
+  assert seconds == pytest.approx({'a': 17.5e-9, 'b': 7.5e-9})
+  assert profile.classify_aten('aten::convolution_backward',
+                               [[1, 64, 8, 8], [1, 64, 8, 8], [64, 1, 3, 3]]) == (
+                                   'depthwise convolution')
+  assert profile.classify_aten('aten::mkldnn_convolution',
+                               [[1, 64, 8, 8], [64, 64, 1, 1], [64]]) == 'convolution'
+  assert profile.classify_aten('aten::mkldnn_convolution',  # one input channel: not depthwise
+                               [[1, 1, 8, 8], [64, 1, 3, 3], [64]]) == 'convolution'
+  assert profile.classify_aten('aten::add', [[1, 64, 8, 8], [1, 64, 8, 8]]) == (
+      'element-wise, reductions')
+  assert profile.classify_xla({'fusion', 'convolution'}, 'jit(step)/transpose(jvp(x))') == (
+      'convolution, gradients')
+  assert profile.classify_xla({'transpose', 'copy'}, 'jit(apply)/x') == (
+      'layout: transpose, copy, pad, concatenate')
+
+
 def test_command_line_runs_the_plan_and_fails_only_for_errors_that_count(tmp_path, monkeypatch,
                                                                           capsys):
   saved, launched, failing = [], [], set()
@@ -297,10 +316,10 @@ def test_script_in_the_checkout_runs_the_command_line():
 # the session's compilation cache holds it once those ran (the worker's step then took 26 s
 # from the cache against 60 s compiling it, measured idle on a 2-core Zen 3).
 SMALLEST = [
-    Spec('jax', 'train', 'tiny', 32, 8, repeats=1),
+    Spec('jax', 'train', 'tiny', 32, 8, repeats=1, profile=True),
     Spec('jax', 'infer', 'tiny', 32, 1, repeats=1),
     Spec('jax', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),
-    Spec('torch', 'train', 'tiny', 32, 8, repeats=1),
+    Spec('torch', 'train', 'tiny', 32, 8, repeats=1, profile=True),
     Spec('torch-tuned', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),  # autocast
     Spec('torch-compile', 'train', 'tiny', 32, 2, micro_batches=2),  # refused by its worker
     Spec('jax', 'matmul', 'tiny'),
@@ -374,7 +393,8 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   for entry in results[:5]:
     spec, measured = entry['spec'], entry['result']
     jax = {'compile_s', 'device_count', 'flops_per_image'} if spec['framework'] == 'jax' else set()
-    assert set(measured) == timing | jax | gpu(measured), entry
+    profiled = {'op_seconds'} if spec['profile'] else set()
+    assert set(measured) == timing | jax | profiled | gpu(measured), entry
     assert len(measured['seconds']) == 1 and measured['median_s'] == measured['seconds'][0] > 0
     assert measured['images_per_s'] == pytest.approx(spec['batch'] / measured['median_s'])
     assert measured['threads'] == 1 and measured['peak_rss_gib'] > 0.1
@@ -423,10 +443,24 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   assert 2 * jax_forward <= jax_train['flops_per_image'] <= 4 * jax_forward
   assert jax_bf16['flops_per_image'] == pytest.approx(jax_forward, rel=0.5)
 
+  # The profiles find each op class in the traces (the model's named scopes, aten's names).
+  ops = {'convolution', 'depthwise convolution', 'attention products', 'FFT',
+         'phase: atan2, sin, cos', 'element-wise, reductions'}
+  for framework, gradients in (('jax', {'convolution, input gradient',
+                                        'convolution, kernel gradient'}),
+                               ('torch', {'convolution, gradients'})):
+    op_seconds = result[framework, 'train', 8, 'float32']['op_seconds']
+    assert list(op_seconds) == [name for name in profile.OP_CLASSES if name in op_seconds]
+    assert min(op_seconds.values()) >= 0
+    assert {name for name, seconds in op_seconds.items() if seconds > 0} >= ops | gradients
+
   text = report.format_report(results, summary, machine)
   assert printed.out == f"{text}\n\n(total {machine['total_s']:.0f} s, interrupted)\n"
   assert '| train step, tiny 32px, batch 8 |' in text and '| JAX / PyTorch eager |' in text
   assert '| inference, tiny 32px, batch 2, bfloat16 |' in text
   assert 'Matmul peak (2048x2048' in text
+  assert ('| one call, s (share) | train tiny 32px b8, JAX (jit) | '
+          'train tiny 32px b8, PyTorch eager |') in text
+  assert '| convolution, kernel gradient | ' in text
   assert ('Failed measurements:\n- torch-compile (train tiny 32px): exit code 1: ValueError: '
           'torch-compile: only JAX runs micro-batches') in text

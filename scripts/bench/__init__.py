@@ -19,6 +19,7 @@ precision: JAX's (`config.train.compute_dtype`, `--precision bf16`) and PyTorch'
   fsmnet-bench --json bench.json     # the same, every figure also in a JSON file
   fsmnet-bench --sweep size --sweep batch --sweep devices   # how time grows
   fsmnet-bench --tasks infer --bf16  # inference only, float32 and bfloat16
+  fsmnet-bench --tasks infer --profile  # and where each call's time goes, per op class (CPU)
 """
 
 import argparse
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
   """Plans, measures and reports; exit code 1 if interrupted or a measurement failed."""
   args, cpus = _parse_args(argv)
   specs = plan.plan(args.quick, args.frameworks, tuple(args.sweep), args.repeats, args.bf16,
-                    micro_batched=not args.whole_batch)
+                    micro_batched=not args.whole_batch, profile=args.profile)
   if args.sweep and not args.with_main:
     specs = [s for s in specs if s.group != 'main']
   # (The machine's matmul peak and torch's FLOP count stay: the MFU figures need them.)
@@ -82,6 +83,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
                            'default one micro-batch per image, the faster way on CPU)')
   parser.add_argument('--tasks', default='train,infer',
                       help='comma-separated subset of train, infer: the rows to measure')
+  parser.add_argument('--profile', action='store_true',
+                      help='trace one more call of each headline measurement and report its '
+                           'time per op class (convolutions, FFTs, layout copies, ...; CPU)')
   parser.add_argument('--quick', action='store_true',
                       help='tiny model at 16 px everywhere: checks the machinery in a minute')
   args = parser.parse_args(argv)

@@ -39,6 +39,7 @@ class Spec:
   repeats: int = 3
   warmup: int = 1
   group: str = 'main'
+  profile: bool = False  # also trace one more call: its time per op class (profile.py)
 
   @property
   def label(self) -> str:
@@ -54,7 +55,7 @@ class Spec:
 
 def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
          sweeps: tuple[str, ...] = (), repeats: int = 3, bf16: bool = False,
-         micro_batched: bool = True) -> list[Spec]:
+         micro_batched: bool = True, profile: bool = False) -> list[Spec]:
   """The measurements of one run.
 
   Args:
@@ -66,6 +67,7 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
       (JAX's; PyTorch's autocast).
     micro_batched: JAX trains the headline model one image at a time, as README recommends on
       CPU (accelerators want the whole batch).
+    profile: the headline table's measurements also report their time per op class.
 
   Returns:
     The headline table's measurements (group 'main'), then the sweeps'.
@@ -92,7 +94,7 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
         'jax', 'train', big_model) else 1
     specs += [Spec(framework, task, model, size, batch, dtype=dtype,
                    repeats=max(2, repeats - 1) if model == 'paper' and batch > 1 else repeats,
-                   micro_batches=micro(task, model, batch))
+                   micro_batches=micro(task, model, batch), profile=profile)
               for task, model, size, batch, dtype in rows]
   for library in sorted({FRAMEWORKS[f][0] for f in frameworks}):
     specs.append(Spec(library if library == 'jax' else 'torch-tuned', 'matmul'))

@@ -10,6 +10,7 @@ from typing import Any
 
 from fsmnet_bench.launch import xla_flags
 from fsmnet_bench.plan import FRAMEWORK_TITLES, FRAMEWORKS
+from fsmnet_bench.profile import OP_CLASSES
 from fsmnet_jax.files import write_atomically
 from fsmnet_jax.reporting import cpu_model
 
@@ -165,7 +166,29 @@ def format_report(results: list[dict], summary: dict, info: dict) -> str:
       mfu = f"{100 * value['mfu']:.0f}%" if value['mfu'] is not None else '–'
       lines.append(f"| {key} | {value['gflop_per_image']:.1f} | "
                    f"{value['achieved_gflops_per_s']:.0f} | {mfu} |")
-  return '\n'.join(lines + _failure_lines(results) + _sweep_tables(results))
+  return '\n'.join(lines + _profile_table(main) + _failure_lines(results)
+                   + _sweep_tables(results))
+
+
+def _profile_table(main: list[dict]) -> list[str]:
+  """Seconds of one call per op class (share of the call), a column per profiled measurement."""
+  profiled = [r for r in main if 'op_seconds' in r['result']]
+  if not profiled:
+    return []
+  titles = [f"{r['spec']['task']} {r['spec']['model']} {r['spec']['size']}px b{r['spec']['batch']}"
+            + (f" {r['spec']['dtype']}" if r['spec']['dtype'] != 'float32' else '')
+            + f", {FRAMEWORK_TITLES[r['spec']['framework']]}" for r in profiled]
+  lines = ['', '| one call, s (share) | ' + ' | '.join(titles) + ' |',
+           '|' + '---|' * (len(titles) + 1)]
+  for name in OP_CLASSES:
+    if any(name in r['result']['op_seconds'] for r in profiled):
+      cells = []
+      for entry in profiled:
+        seconds = entry['result']['op_seconds']
+        share = seconds.get(name, 0.0) / sum(seconds.values())
+        cells.append(f"{seconds[name]:.3g} ({100 * share:.0f}%)" if name in seconds else '–')
+      lines.append(f"| {name} | " + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _failure_lines(results: list[dict]) -> list[str]:

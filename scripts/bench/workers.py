@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fsmnet_bench import profile
 from fsmnet_bench.launch import RESULT_PREFIX
 from fsmnet_bench.plan import FRAMEWORKS, MODELS, Spec
 from fsmnet_jax.configs import default
@@ -119,6 +120,8 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   flops = compiled_flops(compiled, spec.micro_batches if spec.task == 'train' else 1) or 0.0
   result = {'seconds': seconds, 'compile_s': compile_s, 'device_count': jax.device_count(),
             'flops_per_image': flops / spec.batch}
+  if spec.profile:
+    result['op_seconds'] = profile.jax_op_seconds(compiled, run)
   device = jax.devices()[0]
   if device.platform != 'cpu':
     stats = device.memory_stats() or {}
@@ -198,6 +201,8 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
     run()
     result['compile_s'] = time.perf_counter() - start
   result['seconds'] = _timed(run, spec.warmup, spec.repeats)
+  if spec.profile:
+    result['op_seconds'] = profile.torch_op_seconds(run)
   if device.type == 'cuda':
     result['peak_device_gib'] = torch.cuda.max_memory_allocated() / 2**30
     result['device'] = torch.cuda.get_device_name(device)

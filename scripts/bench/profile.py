@@ -1,0 +1,168 @@
+"""Where one call's time goes, per op class, in both frameworks (fsmnet-bench --profile).
+
+JAX: a `jax.profiler` trace of one call of the compiled program. Each traced XLA op is
+classified from the optimized HLO (the opcodes it fuses, the named scopes of its ops) and its
+time is attributed as wall-clock time: where ops overlap on the runtime's threads, each gets
+an equal share. PyTorch: `torch.profiler`'s self time of each aten op of one call (its ops run
+one after another, each on all threads). What neither accounts for, the call's wall-clock time
+minus the ops', is 'other (runtime, idle threads)'.
+"""
+# pylint: disable=import-outside-toplevel
+
+import collections
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Report order.
+OP_CLASSES = (
+    'convolution', 'convolution, input gradient', 'convolution, kernel gradient',
+    'convolution, gradients', 'depthwise convolution', 'attention products', 'FFT',
+    'phase: atan2, sin, cos', 'layout: transpose, copy, pad, concatenate',
+    'element-wise, reductions', 'other (runtime, idle threads)')
+OTHER = OP_CLASSES[-1]
+
+_LAYOUT_OPCODES = {'transpose', 'copy', 'bitcast', 'reshape', 'slice', 'dynamic-slice', 'pad',
+                   'concatenate', 'broadcast', 'parameter', 'constant', 'tuple',
+                   'get-tuple-element', 'real', 'imag', 'complex', 'reverse',
+                   'dynamic-update-slice'}
+_PHASE_OPCODES = {'atan2', 'sine', 'cosine'}
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
+
+
+def classify_xla(opcodes: set[str], op_names: str) -> str:
+  """The op class of an XLA op (or fusion) that runs `opcodes`, whose ops' metadata op_names
+  are `op_names` (fsmnet_jax.conv names its gradient and depthwise scopes)."""
+  if 'convolution' in opcodes:
+    for scope, name in (('conv_kernel_gradient', 'convolution, kernel gradient'),
+                        ('conv_input_gradient', 'convolution, input gradient')):
+      if scope in op_names:
+        return name
+    # XLA's own gradient convolutions (the path of GPUs and TPUs) are in transposed scopes.
+    return 'convolution, gradients' if 'transpose(' in op_names else 'convolution'
+  if 'depthwise_conv' in op_names:
+    return 'depthwise convolution'
+  if 'fft' in opcodes:
+    return 'FFT'
+  if 'dot' in opcodes:
+    return 'attention products'  # the model's only matmuls (its 1x1 layers are convolutions)
+  if opcodes & _PHASE_OPCODES:
+    return 'phase: atan2, sin, cos'
+  if opcodes <= _LAYOUT_OPCODES:
+    return 'layout: transpose, copy, pad, concatenate'
+  return 'element-wise, reductions'
+
+
+def _xla_op_classes(hlo_text: str) -> dict[str, str]:
+  """Op class of every instruction of an optimized HLO module, by name; a fusion (or a call)
+  is classified by the computation it runs."""
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = bodies.setdefault(header.group(1), [])
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      current.append(line)
+
+  def contents(lines: list[str]) -> tuple[set[str], str]:
+    opcodes = {m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
+    return opcodes, ' '.join(re.findall(r'op_name="([^"]*)"', '\n'.join(lines)))
+
+  classes = {}
+  for lines in bodies.values():
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      callee = re.search(r'calls=%([\w.\-]+)', line)
+      opcodes, op_names = contents(bodies.get(callee.group(1), []) if callee else [line])
+      classes[match.group(1)] = classify_xla(opcodes or {match.group(2)}, op_names)
+  return classes
+
+
+def wall_shares(intervals: list[tuple[int, int, str]]) -> dict[str, float]:
+  """Seconds of wall-clock time per class for (start_ns, end_ns, class) intervals: a stretch
+  where n intervals overlap counts 1/n of its length for each."""
+  changes = sorted([(start, 1, name) for start, _, name in intervals]
+                   + [(end, -1, name) for _, end, name in intervals])
+  running: collections.Counter = collections.Counter()
+  seconds: dict[str, float] = collections.defaultdict(float)
+  for (left, step, name), (right, _, _) in zip(changes, changes[1:] + changes[-1:]):
+    running[name] += step
+    total = sum(running.values())
+    for running_name, count in running.items():
+      if count:
+        seconds[running_name] += (right - left) * count / total / 1e9
+  return dict(seconds)
+
+
+def jax_op_seconds(compiled: Any, run: Callable[[], Any]) -> dict[str, float]:
+  """Seconds per op class of one call of `run`, which calls the jitted `compiled`."""
+  import jax
+  classes = _xla_op_classes(compiled.as_text())
+  with tempfile.TemporaryDirectory(prefix='fsmnet-profile-') as folder:
+    jax.profiler.start_trace(folder)
+    start = time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    trace = jax.profiler.ProfileData.from_file(str(next(Path(folder).rglob('*.xplane.pb'))))
+  intervals = []
+  for plane in trace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        # XLA's ops run on the runtime's threads, not on Python's; an op's parallel tasks
+        # (XNNPACK's, Eigen's) are not traced separately: its event spans them.
+        name = classes.get(event.name)
+        if name is not None and line.name != 'python':
+          intervals.append((event.start_ns, event.end_ns, name))
+  return _with_other(wall_shares(intervals), wall)
+
+
+def torch_op_seconds(run: Callable[[], Any]) -> dict[str, float]:
+  """Seconds per op class of one call of `run` (PyTorch on the CPU)."""
+  import torch
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
+    start = time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+  seconds: dict[str, float] = collections.defaultdict(float)
+  for event in profile.events():
+    if event.name.startswith('aten::') and event.self_cpu_time_total > 0:
+      seconds[classify_aten(event.name, event.input_shapes)] += event.self_cpu_time_total / 1e6
+  return _with_other(dict(seconds), wall)
+
+
+def classify_aten(name: str, input_shapes: list) -> str:
+  """The op class of an aten op. A convolution is depthwise when its weight (the last 4-d
+  input) is (C, 1, k, k) and its activations (the others) have C > 1 channels."""
+  op = name.removeprefix('aten::')
+  if 'conv' in op:
+    shapes = [s for s in input_shapes if isinstance(s, list) and len(s) == 4]
+    if len(shapes) >= 2 and shapes[-1][1] == 1 and all(
+        s[1] == shapes[-1][0] > 1 for s in shapes[:-1]):
+      return 'depthwise convolution'
+    return 'convolution, gradients' if 'backward' in op else 'convolution'
+  if 'fft' in op:
+    return 'FFT'
+  if op in ('bmm', 'mm', 'matmul', 'addmm', 'baddbmm'):
+    return 'attention products'
+  if op in ('angle', 'atan2', 'sin', 'cos'):
+    return 'phase: atan2, sin, cos'
+  if op in ('copy_', 'cat', 'clone', 'contiguous', 'pixel_shuffle', 'pixel_unshuffle',
+            'constant_pad_nd', 'complex', 'view_as_real', 'view_as_complex', 'flip'):
+    return 'layout: transpose, copy, pad, concatenate'
+  return 'element-wise, reductions'
+
+
+def _with_other(seconds: dict[str, float], wall: float) -> dict[str, float]:
+  """`seconds` with the rest of the call's `wall` time as OTHER, in report order."""
+  seconds = {**seconds, OTHER: max(0.0, wall - sum(seconds.values()))}
+  return {name: seconds[name] for name in OP_CLASSES if name in seconds}
