@@ -393,7 +393,7 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   for entry in results[:5]:
     spec, measured = entry['spec'], entry['result']
     jax = {'compile_s', 'device_count', 'flops_per_image'} if spec['framework'] == 'jax' else set()
-    profiled = {'op_seconds'} if spec['profile'] else set()
+    profiled = {'op_seconds', 'top_ops'} if spec['profile'] else set()
     assert set(measured) == timing | jax | profiled | gpu(measured), entry
     assert len(measured['seconds']) == 1 and measured['median_s'] == measured['seconds'][0] > 0
     assert measured['images_per_s'] == pytest.approx(spec['batch'] / measured['median_s'])
@@ -449,10 +449,17 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   for framework, gradients in (('jax', {'convolution, input gradient',
                                         'convolution, kernel gradient'}),
                                ('torch', {'convolution, gradients'})):
-    op_seconds = result[framework, 'train', 8, 'float32']['op_seconds']
+    measured = result[framework, 'train', 8, 'float32']
+    op_seconds, top_ops = measured['op_seconds'], measured['top_ops']
     assert list(op_seconds) == [name for name in profile.OP_CLASSES if name in op_seconds]
     assert min(op_seconds.values()) >= 0
     assert {name for name, seconds in op_seconds.items() if seconds > 0} >= ops | gradients
+    # The costliest ops, each named (JAX: its HLO name and scope; PyTorch: aten's, and shapes).
+    assert len(top_ops) == 20 and top_ops[0]['seconds'] <= op_seconds[top_ops[0]['class']]
+    assert [op['seconds'] for op in top_ops] == sorted((op['seconds'] for op in top_ops),
+                                                       reverse=True)
+    assert set(top_ops[0]) == {'seconds', 'class', 'op'} | (
+        {'scope'} if framework == 'jax' else {'shapes'})
 
   text = report.format_report(results, summary, machine)
   assert printed.out == f"{text}\n\n(total {machine['total_s']:.0f} s, interrupted)\n"

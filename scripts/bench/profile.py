@@ -5,7 +5,7 @@ classified from the optimized HLO (the opcodes it fuses, the named scopes of its
 time is attributed as wall-clock time: where ops overlap on the runtime's threads, each gets
 an equal share. PyTorch: `torch.profiler`'s self time of each aten op of one call (its ops run
 one after another, each on all threads). What neither accounts for, the call's wall-clock time
-minus the ops', is 'other (runtime, idle threads)'.
+minus the ops', is 'other (runtime, idle threads)'. The costliest single ops are listed too.
 """
 # pylint: disable=import-outside-toplevel
 
@@ -56,9 +56,9 @@ def classify_xla(opcodes: set[str], op_names: str) -> str:
   return 'element-wise, reductions'
 
 
-def _xla_op_classes(hlo_text: str) -> dict[str, str]:
-  """Op class of every instruction of an optimized HLO module, by name; a fusion (or a call)
-  is classified by the computation it runs."""
+def _xla_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """(op class, op_name of its metadata) of every instruction of an optimized HLO module, by
+  name; a fusion (or a call) is classified by the computation it runs."""
   bodies: dict[str, list[str]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -70,42 +70,45 @@ def _xla_op_classes(hlo_text: str) -> dict[str, str]:
     elif current is not None:
       current.append(line)
 
-  def contents(lines: list[str]) -> tuple[set[str], str]:
-    opcodes = {m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
-    return opcodes, ' '.join(re.findall(r'op_name="([^"]*)"', '\n'.join(lines)))
+  def op_names(lines: list[str]) -> list[str]:
+    return re.findall(r'op_name="([^"]*)"', '\n'.join(lines))
 
-  classes = {}
+  instructions = {}
   for lines in bodies.values():
     for line in lines:
       match = _INSTRUCTION.match(line)
       if not match:
         continue
       callee = re.search(r'calls=%([\w.\-]+)', line)
-      opcodes, op_names = contents(bodies.get(callee.group(1), []) if callee else [line])
-      classes[match.group(1)] = classify_xla(opcodes or {match.group(2)}, op_names)
-  return classes
+      body = bodies.get(callee.group(1), []) if callee else [line]
+      opcodes = {m.group(2) for m in map(_INSTRUCTION.match, body) if m} or {match.group(2)}
+      instructions[match.group(1)] = (classify_xla(opcodes, ' '.join(op_names(body))),
+                                      (op_names([line]) or [''])[0])
+  return instructions
 
 
 def wall_shares(intervals: list[tuple[int, int, str]]) -> dict[str, float]:
-  """Seconds of wall-clock time per class for (start_ns, end_ns, class) intervals: a stretch
-  where n intervals overlap counts 1/n of its length for each."""
-  changes = sorted([(start, 1, name) for start, _, name in intervals]
-                   + [(end, -1, name) for _, end, name in intervals])
+  """Seconds of wall-clock time per key for (start_ns, end_ns, key) intervals: a stretch where
+  n intervals overlap counts 1/n of its length for each."""
+  changes = sorted([(start, 1, key) for start, _, key in intervals]
+                   + [(end, -1, key) for _, end, key in intervals])
   running: collections.Counter = collections.Counter()
   seconds: dict[str, float] = collections.defaultdict(float)
-  for (left, step, name), (right, _, _) in zip(changes, changes[1:] + changes[-1:]):
-    running[name] += step
+  for (left, step, key), (right, _, _) in zip(changes, changes[1:] + changes[-1:]):
+    running[key] += step
+    if not running[key]:
+      del running[key]
     total = sum(running.values())
-    for running_name, count in running.items():
-      if count:
-        seconds[running_name] += (right - left) * count / total / 1e9
+    for running_key, count in running.items():
+      seconds[running_key] += (right - left) * count / total / 1e9
   return dict(seconds)
 
 
-def jax_op_seconds(compiled: Any, run: Callable[[], Any]) -> dict[str, float]:
-  """Seconds per op class of one call of `run`, which calls the jitted `compiled`."""
+def jax_profile(compiled: Any, run: Callable[[], Any]) -> dict:
+  """Where one call of `run`, which calls the jitted `compiled`, spends its time: seconds per
+  op class ('op_seconds') and the costliest XLA ops ('top_ops')."""
   import jax
-  classes = _xla_op_classes(compiled.as_text())
+  instructions = _xla_instructions(compiled.as_text())
   with tempfile.TemporaryDirectory(prefix='fsmnet-profile-') as folder:
     jax.profiler.start_trace(folder)
     start = time.perf_counter()
@@ -119,25 +122,32 @@ def jax_op_seconds(compiled: Any, run: Callable[[], Any]) -> dict[str, float]:
       for event in line.events:
         # XLA's ops run on the runtime's threads, not on Python's; an op's parallel tasks
         # (XNNPACK's, Eigen's) are not traced separately: its event spans them.
-        name = classes.get(event.name)
-        if name is not None and line.name != 'python':
-          intervals.append((event.start_ns, event.end_ns, name))
-  return _with_other(wall_shares(intervals), wall)
+        if event.name in instructions and line.name != 'python':
+          intervals.append((event.start_ns, event.end_ns, event.name))
+  ops = [{'seconds': seconds, 'class': instructions[op][0], 'op': op,
+          'scope': instructions[op][1]} for op, seconds in wall_shares(intervals).items()]
+  return _profile(ops, wall)
 
 
-def torch_op_seconds(run: Callable[[], Any]) -> dict[str, float]:
-  """Seconds per op class of one call of `run` (PyTorch on the CPU)."""
+def torch_profile(run: Callable[[], Any]) -> dict:
+  """Where one call of `run` (PyTorch on the CPU) spends its time: seconds per op class
+  ('op_seconds') and the costliest aten ops, by input shapes ('top_ops')."""
   import torch
   activities = [torch.profiler.ProfilerActivity.CPU]
   with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
     start = time.perf_counter()
     run()
     wall = time.perf_counter() - start
-  seconds: dict[str, float] = collections.defaultdict(float)
+  seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+  classes = {}
   for event in profile.events():
     if event.name.startswith('aten::') and event.self_cpu_time_total > 0:
-      seconds[classify_aten(event.name, event.input_shapes)] += event.self_cpu_time_total / 1e6
-  return _with_other(dict(seconds), wall)
+      key = (event.name, str(event.input_shapes))
+      seconds[key] += event.self_cpu_time_total / 1e6
+      classes[key] = classify_aten(event.name, event.input_shapes)
+  ops = [{'seconds': s, 'class': classes[key], 'op': key[0], 'shapes': key[1]}
+         for key, s in seconds.items()]
+  return _profile(ops, wall)
 
 
 def classify_aten(name: str, input_shapes: list) -> str:
@@ -162,7 +172,12 @@ def classify_aten(name: str, input_shapes: list) -> str:
   return 'element-wise, reductions'
 
 
-def _with_other(seconds: dict[str, float], wall: float) -> dict[str, float]:
-  """`seconds` with the rest of the call's `wall` time as OTHER, in report order."""
-  seconds = {**seconds, OTHER: max(0.0, wall - sum(seconds.values()))}
-  return {name: seconds[name] for name in OP_CLASSES if name in seconds}
+def _profile(ops: list[dict], wall: float, top: int = 20) -> dict:
+  """Seconds per op class of `ops` (in report order; the rest of the call's `wall` time is
+  OTHER) and the `top` costliest ops."""
+  seconds: dict[str, float] = collections.defaultdict(float)
+  for op in ops:
+    seconds[op['class']] += op['seconds']
+  seconds[OTHER] = max(0.0, wall - sum(seconds.values()))
+  return {'op_seconds': {name: seconds[name] for name in OP_CLASSES if name in seconds},
+          'top_ops': sorted(ops, key=lambda op: -op['seconds'])[:top]}

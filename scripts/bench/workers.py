@@ -121,7 +121,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   result = {'seconds': seconds, 'compile_s': compile_s, 'device_count': jax.device_count(),
             'flops_per_image': flops / spec.batch}
   if spec.profile:
-    result['op_seconds'] = profile.jax_op_seconds(compiled, run)
+    result.update(profile.jax_profile(compiled, run))
   device = jax.devices()[0]
   if device.platform != 'cpu':
     stats = device.memory_stats() or {}
@@ -202,7 +202,7 @@ def _torch_worker(spec: Spec, weights: str, tuned: bool, use_compile: bool) -> d
     result['compile_s'] = time.perf_counter() - start
   result['seconds'] = _timed(run, spec.warmup, spec.repeats)
   if spec.profile:
-    result['op_seconds'] = profile.torch_op_seconds(run)
+    result.update(profile.torch_profile(run))
   if device.type == 'cuda':
     result['peak_device_gib'] = torch.cuda.max_memory_allocated() / 2**30
     result['device'] = torch.cuda.get_device_name(device)
