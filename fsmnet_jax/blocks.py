@@ -63,9 +63,8 @@ class FreBlock(nn.Module):
 
     amp = refine(amp, 'amp_fuse')
     pha = refine(pha, 'pha_fuse')
-    cos_pha, sin_pha = fourier.cos_sin(pha)
-    real = amp * cos_pha + FFT_EPS
-    imag = amp * sin_pha + FFT_EPS
+    real = amp * jnp.cos(pha) + FFT_EPS
+    imag = amp * jnp.sin(pha) + FFT_EPS
     # The reference adds FFT_EPS once more to the complex spectrum: it lands on the real part.
     y = jnp.abs(fourier.inverse_amplitude_phase(real + FFT_EPS, imag, height, width))
     # The spectral convolutions ran in float32; go back to the compute precision (bfloat16 in
