@@ -11,16 +11,20 @@ import jax.numpy as jnp
 # small and the unrolled form costs compile time, so they start above this many pixels.
 PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS = 64 * 64
 
+# `specialized_for(XLA_NATIVE, fn)`: XLA's own convolutions on any device, those GPUs and TPUs
+# run (fsmnet-bench's jax-xla-conv measures what the CPU paths gain against them).
+XLA_NATIVE = 'xla'
+
 # The platform whose path conv2d traces alone (see `specialized_for`); None: every path.
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('platform', default=None)
 
 
 def specialized_for(platform: str | None, fn: Callable) -> Callable:
   """`fn`, with the convolutions it traces taking the path of `platform` (a
-  `jax.Device.platform`) alone. For programs jitted for known devices: staging out every
-  platform's path for lowering to choose (`lax.platform_dependent`) traces and differentiates
-  the unused ones too, ~1.7x the tracing time of the training step. None keeps every path (for
-  exports to several platforms).
+  `jax.Device.platform`, or XLA_NATIVE) alone. For programs jitted for known devices: staging
+  out every platform's path for lowering to choose (`lax.platform_dependent`) traces and
+  differentiates the unused ones too, ~1.7x the tracing time of the training step. None keeps
+  every path (for exports to several platforms).
   """
   @functools.wraps(fn)
   def specialized(*args, **kwargs):
@@ -38,7 +42,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, feature_group_count: int = 1) -> 
   # XLA:CPU is slow at depthwise convolutions and at some gradients of dense ones; GPUs and
   # TPUs keep their native convolution.
   if feature_group_count == x.shape[-1] == kernel.shape[-1] and feature_group_count > 1:
-    return _by_platform(x, kernel, cpu=_depthwise_by_shifts, default=plain)
+    return _by_platform(x, kernel, cpu=_depthwise_by_shifts,
+                        default=jax.named_scope('depthwise_conv')(plain))
   if feature_group_count == 1:
     per_sample = (kernel.shape[0] > 1 and _known_batch(x) > 1
                   and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS)

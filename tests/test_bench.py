@@ -55,6 +55,12 @@ def test_default_plan_measures_what_the_readme_table_shows():
   assert {(s.framework, s.micro_batches) for s in specs if s.task == 'train'
           and s.model == 'paper'} == {('jax', 4), ('torch', 1), ('torch-tuned', 1)}
   assert {s.micro_batches for s in plan.plan(micro_batched=False)} == {1}
+  # XLA's own convolutions (the CPU paths off) on request, on whole batches: in a loop their
+  # gradients run on a naive kernel.
+  assert 'jax-xla-conv' not in {s.framework for s in specs}
+  assert {(s.task, s.model, s.micro_batches) for s in plan.plan(frameworks=('jax-xla-conv',))
+          if s.framework == 'jax-xla-conv'} == {('train', 'paper', 1), ('train', 'tiny', 1),
+                                                ('infer', 'paper', 1)}
 
 
 def test_quick_plan_is_the_tiny_model_at_16_px():
@@ -232,9 +238,28 @@ def test_profile_shares_overlapping_ops_wall_clock_time():
   assert profile.classify_aten('aten::add', [[1, 64, 8, 8], [1, 64, 8, 8]]) == (
       'element-wise, reductions')
   assert profile.classify_xla({'fusion', 'convolution'}, 'jit(step)/transpose(jvp(x))') == (
-      'convolution, gradients')
+      'convolution, input gradient')
   assert profile.classify_xla({'transpose', 'copy'}, 'jit(apply)/x') == (
       'layout: transpose, copy, pad, concatenate')
+
+
+def test_profile_tells_xlas_depthwise_convolutions_from_dense_ones():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from fsmnet_jax import conv  # pylint: disable=import-outside-toplevel
+  x, dense, depthwise = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((3, 3, 1, 4))
+  loss = lambda dense, depthwise: jnp.sum(
+      conv.conv2d(conv.conv2d(x, dense), depthwise, feature_group_count=4)**2)
+  gradients = jax.jit(conv.specialized_for(conv.XLA_NATIVE, jax.grad(loss, argnums=(0, 1))))
+  instructions = profile._xla_instructions(gradients.lower(dense, depthwise).compile().as_text())
+  classes = [name for name, _ in instructions.values()]
+  # The dense convolution; the depthwise one, its input gradient and the select and sum of its
+  # kernel gradient (in named scopes); the two kernel gradients as convolutions, their
+  # metadata lost (XLA:CPU writes the depthwise one as a dense convolution: C times the work).
+  assert classes.count('convolution') == 1
+  assert classes.count('convolution, kernel gradient') == 2
+  assert classes.count('depthwise convolution') >= 4
+
 
 
 def test_command_line_runs_the_plan_and_fails_only_for_errors_that_count(tmp_path, monkeypatch,
@@ -319,6 +344,7 @@ SMALLEST = [
     Spec('jax', 'train', 'tiny', 32, 8, repeats=1, profile=True),
     Spec('jax', 'infer', 'tiny', 32, 1, repeats=1),
     Spec('jax', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),
+    Spec('jax-xla-conv', 'infer', 'tiny', 32, 1, repeats=1, profile=True),
     Spec('torch', 'train', 'tiny', 32, 8, repeats=1, profile=True),
     Spec('torch-tuned', 'infer', 'tiny', 32, 2, dtype='bfloat16', repeats=1),  # autocast
     Spec('torch-compile', 'train', 'tiny', 32, 2, micro_batches=2),  # refused by its worker
@@ -390,16 +416,17 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   gpu = lambda fields: {'peak_device_gib', 'device'} & set(fields)
   timing = {'seconds', 'median_s', 'min_s', 'max_s', 'images_per_s', 'peak_rss_gib', 'threads',
             'wall_s'}
-  for entry in results[:5]:
+  for entry in results[:6]:
     spec, measured = entry['spec'], entry['result']
-    jax = {'compile_s', 'device_count', 'flops_per_image'} if spec['framework'] == 'jax' else set()
+    jax = ({'compile_s', 'device_count', 'flops_per_image'}
+           if spec['framework'].startswith('jax') else set())
     profiled = {'op_seconds', 'top_ops'} if spec['profile'] else set()
     assert set(measured) == timing | jax | profiled | gpu(measured), entry
     assert len(measured['seconds']) == 1 and measured['median_s'] == measured['seconds'][0] > 0
     assert measured['images_per_s'] == pytest.approx(spec['batch'] / measured['median_s'])
     assert measured['threads'] == 1 and measured['peak_rss_gib'] > 0.1
     assert measured['wall_s'] > measured['median_s']
-    if spec['framework'] == 'jax':
+    if jax:
       assert measured['compile_s'] > 0 and measured['flops_per_image'] > 0
       assert measured['device_count'] == 1
   assert result['torch-compile', 'train', 2, 'float32'] == {
@@ -415,7 +442,10 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
 
   jax_train, jax_infer = result['jax', 'train', 8, 'float32'], result['jax', 'infer', 1, 'float32']
   jax_bf16 = result['jax', 'infer', 2, 'bfloat16']
+  xla_convolutions = result['jax-xla-conv', 'infer', 1, 'float32']
   assert summary['ratios'] == {
+      'infer tiny 32px batch 1: JAX / jax-xla-conv': pytest.approx(
+          jax_infer['images_per_s'] / xla_convolutions['images_per_s']),
       'train tiny 32px batch 8: JAX / torch': pytest.approx(
           jax_train['images_per_s'] / result['torch', 'train', 8, 'float32']['images_per_s']),
       'infer tiny 32px batch 2 bfloat16: JAX / torch-tuned': pytest.approx(
@@ -460,6 +490,11 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
                                                        reverse=True)
     assert set(top_ops[0]) == {'seconds', 'class', 'op'} | (
         {'scope'} if framework == 'jax' else {'shapes'})
+  # With XLA's own convolutions the depthwise ones run as convolutions (the CPU path's as
+  # fused shifted sums), among the call's costliest ops.
+  native = result['jax-xla-conv', 'infer', 1, 'float32']['top_ops']
+  depthwise = [op['op'] for op in native if op['class'] == 'depthwise convolution']
+  assert depthwise and all(op.startswith('conv_general_dilated') for op in depthwise)
 
   text = report.format_report(results, summary, machine)
   assert printed.out == f"{text}\n\n(total {machine['total_s']:.0f} s, interrupted)\n"
@@ -467,7 +502,8 @@ def test_smallest_real_run_of_both_frameworks_until_sigterm(tmp_path, monkeypatc
   assert '| inference, tiny 32px, batch 2, bfloat16 |' in text
   assert 'Matmul peak (2048x2048' in text
   assert ('| one call, s (share) | train tiny 32px b8, JAX (jit) | '
-          'train tiny 32px b8, PyTorch eager |') in text
+          "infer tiny 32px b1, JAX, XLA's convolutions | train tiny 32px b8, PyTorch eager |"
+          ) in text
   assert '| convolution, kernel gradient | ' in text
   assert ('Failed measurements:\n- torch-compile (train tiny 32px): exit code 1: ValueError: '
           'torch-compile: only JAX runs micro-batches') in text

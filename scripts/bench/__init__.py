@@ -20,6 +20,7 @@ precision: JAX's (`config.train.compute_dtype`, `--precision bf16`) and PyTorch'
   fsmnet-bench --sweep size --sweep batch --sweep devices   # how time grows
   fsmnet-bench --tasks infer --bf16  # inference only, float32 and bfloat16
   fsmnet-bench --tasks infer --profile  # and where each call's time goes, per op class (CPU)
+  fsmnet-bench --frameworks jax,jax-xla-conv,torch --profile  # what the CPU convolutions gain
 """
 
 import argparse
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fsmnet_bench import launch, plan, report
-from fsmnet_bench.plan import FRAMEWORKS
+from fsmnet_bench.plan import DEFAULT_FRAMEWORKS, FRAMEWORKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +69,10 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per measurement')
   parser.add_argument('--threads', type=int, default=0,
                       help='CPUs to pin every process to (default: all available)')
-  parser.add_argument('--frameworks', default=','.join(FRAMEWORKS),
-                      help=f'comma-separated subset of {", ".join(FRAMEWORKS)}')
+  parser.add_argument('--frameworks', default=','.join(DEFAULT_FRAMEWORKS),
+                      help=f'comma-separated subset of {", ".join(FRAMEWORKS)} (default: '
+                           f'{",".join(DEFAULT_FRAMEWORKS)}); jax-xla-conv is JAX with XLA\'s own '
+                           'convolutions, the CPU paths of fsmnet_jax.conv off')
   parser.add_argument('--sweep', action='append', default=[], choices=('size', 'batch', 'devices'),
                       help='add a scaling sweep (repeatable); sweeps only, no headline table, '
                            'unless --with-main')

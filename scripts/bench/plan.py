@@ -10,11 +10,18 @@ MODELS = {name: config.get_config().model.to_dict()
           for name, config in (('paper', default), ('tiny', tiny))}
 FRAMEWORKS = {  # name -> (library, glibc tunables, torch.compile)
     'jax': ('jax', '', False),
+    'jax-xla-conv': ('jax', '', False),
     'torch': ('torch', '', False),
     'torch-tuned': ('torch', TUNED_MALLOC, False),
     'torch-compile': ('torch', TUNED_MALLOC, True),
 }
-FRAMEWORK_TITLES = {'jax': 'JAX (jit)', 'torch': 'PyTorch eager',
+# JAX with XLA's own convolutions on every device (those GPUs and TPUs run): fsmnet_jax.conv's
+# CPU paths switched off, to measure what they gain on this CPU.
+XLA_CONVOLUTIONS = ('jax-xla-conv',)
+# What a plain run measures: the CPU paths' gain is measured on request (--frameworks).
+DEFAULT_FRAMEWORKS = ('jax', 'torch', 'torch-tuned', 'torch-compile')
+FRAMEWORK_TITLES = {'jax': 'JAX (jit)', 'jax-xla-conv': "JAX, XLA's convolutions",
+                    'torch': 'PyTorch eager',
                     'torch-tuned': 'PyTorch eager, tuned',
                     'torch-compile': 'torch.compile, tuned'}
 
@@ -53,7 +60,7 @@ class Spec:
             f'[{self.framework}]')
 
 
-def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
+def plan(quick: bool = False, frameworks: tuple[str, ...] = DEFAULT_FRAMEWORKS,
          sweeps: tuple[str, ...] = (), repeats: int = 3, bf16: bool = False,
          micro_batched: bool = True, profile: bool = False) -> list[Spec]:
   """The measurements of one run.
@@ -89,7 +96,9 @@ def plan(quick: bool = False, frameworks: tuple[str, ...] = tuple(FRAMEWORKS),
                if model == big_model and (task == 'infer' or batch > 1)]
     # The paper model's batched calls take 10-40 s each here: one timed run fewer keeps the
     # whole default run under 10 minutes on 2 cores. On CPU one micro-batch per image is the
-    # same gradient ~1.5x faster, in a quarter of the memory (batch 4, 240 px).
+    # same gradient ~1.5x faster, in a quarter of the memory (batch 4, 240 px). Not with XLA's
+    # own convolutions: inside the accumulation loop their gradients run on a naive kernel
+    # (docs/xla_cpu_convolutions.md), so jax-xla-conv trains whole batches, as on GPUs.
     micro = lambda task, model, batch: batch if micro_batched and (framework, task, model) == (
         'jax', 'train', big_model) else 1
     specs += [Spec(framework, task, model, size, batch, dtype=dtype,

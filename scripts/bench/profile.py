@@ -29,6 +29,11 @@ _LAYOUT_OPCODES = {'transpose', 'copy', 'bitcast', 'reshape', 'slice', 'dynamic-
                    'get-tuple-element', 'real', 'imag', 'complex', 'reverse',
                    'dynamic-update-slice'}
 _PHASE_OPCODES = {'atan2', 'sine', 'cosine'}
+# A pseudo-opcode: a convolution that is a kernel gradient by its shapes (XLA's own kernel
+# gradients lose their metadata when XLA:CPU rewrites them).
+KERNEL_GRADIENT = 'convolution(kernel gradient)'
+_CONVOLUTION = re.compile(r'= \w+\[([\d,]*)\]\S* convolution\(.*window=\{size=([\dx]+).*'
+                          r'dim_labels=\w+->(\w+)')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
 
@@ -36,15 +41,14 @@ _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
 def classify_xla(opcodes: set[str], op_names: str) -> str:
   """The op class of an XLA op (or fusion) that runs `opcodes`, whose ops' metadata op_names
   are `op_names` (fsmnet_jax.conv names its gradient and depthwise scopes)."""
-  if 'convolution' in opcodes:
-    for scope, name in (('conv_kernel_gradient', 'convolution, kernel gradient'),
-                        ('conv_input_gradient', 'convolution, input gradient')):
-      if scope in op_names:
-        return name
-    # XLA's own gradient convolutions (the path of GPUs and TPUs) are in transposed scopes.
-    return 'convolution, gradients' if 'transpose(' in op_names else 'convolution'
-  if 'depthwise_conv' in op_names:
+  if 'depthwise_conv' in op_names:  # before 'convolution': XLA's own depthwise ones too
     return 'depthwise convolution'
+  if KERNEL_GRADIENT in opcodes or 'convolution' in opcodes and 'conv_kernel_gradient' in op_names:
+    return 'convolution, kernel gradient'
+  if 'convolution' in opcodes:
+    # XLA's own input gradients (the path of GPUs and TPUs) are in transposed scopes.
+    gradient = 'conv_input_gradient' in op_names or 'transpose(' in op_names
+    return 'convolution, input gradient' if gradient else 'convolution'
   if 'fft' in opcodes:
     return 'FFT'
   if 'dot' in opcodes:
@@ -81,10 +85,23 @@ def _xla_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
         continue
       callee = re.search(r'calls=%([\w.\-]+)', line)
       body = bodies.get(callee.group(1), []) if callee else [line]
-      opcodes = {m.group(2) for m in map(_INSTRUCTION.match, body) if m} or {match.group(2)}
+      opcodes = {KERNEL_GRADIENT if _is_kernel_gradient(op) else m.group(2)
+                 for op in body if (m := _INSTRUCTION.match(op))} or {match.group(2)}
       instructions[match.group(1)] = (classify_xla(opcodes, ' '.join(op_names(body))),
                                       (op_names([line]) or [''])[0])
   return instructions
+
+
+def _is_kernel_gradient(instruction: str) -> bool:
+  """Whether an HLO instruction is the kernel gradient of a 'same' convolution: a convolution
+  whose window (the image, slid over the kernel's positions) is wider than its output."""
+  match = _CONVOLUTION.search(instruction)
+  if not match:
+    return False
+  shape = [int(d) for d in match.group(1).split(',')]
+  window = [int(d) for d in match.group(2).split('x')]
+  output_spatial = [shape[match.group(3).index(str(axis))] for axis in range(len(window))]
+  return any(w > s for w, s in zip(window, output_spatial))
 
 
 def wall_shares(intervals: list[tuple[int, int, str]]) -> dict[str, float]:

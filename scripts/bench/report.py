@@ -63,7 +63,7 @@ def summarize(results: list[dict]) -> dict:
     if spec['dtype'] != 'float32':
       key += f" {spec['dtype']}"
     same = dict(task=spec['task'], model=spec['model'], size=spec['size'], batch=spec['batch'])
-    for other in ('torch', 'torch-tuned', 'torch-compile'):
+    for other in ('jax-xla-conv', 'torch', 'torch-tuned', 'torch-compile'):
       theirs = _find(main, framework=other, dtype=spec['dtype'], **same)
       if theirs:
         summary['ratios'][f'{key}: JAX / {other}'] = result['images_per_s'] / theirs['images_per_s']

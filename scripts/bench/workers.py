@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fsmnet_bench import profile
 from fsmnet_bench.launch import RESULT_PREFIX
-from fsmnet_bench.plan import FRAMEWORKS, MODELS, Spec
+from fsmnet_bench.plan import FRAMEWORKS, MODELS, XLA_CONVOLUTIONS, Spec
 from fsmnet_jax.configs import default
 
 MATMUL_SIZES = {'cpu': 2048, 'accelerator': 8192}  # large enough to reach each one's peak
@@ -96,11 +96,14 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
   mesh = train.make_mesh(config)
   data = mesh_lib.rows(mesh)
   under, aux, target = (jax.device_put(x, data) for x in _inputs(spec))
+  convolutions = (conv.XLA_NATIVE if spec.framework in XLA_CONVOLUTIONS
+                  else mesh_lib.platform(mesh))
   start = time.perf_counter()
   if spec.task == 'train':
     state = train.create_train_state(config, model, mesh, params)
     batch = {'target_under': under, 'aux': aux, 'target': target}
-    compiled = train.jit_train_step(config, mesh, state).lower(state, batch).compile()
+    compiled = train.jit_train_step(config, mesh, state, convolutions).lower(
+        state, batch).compile()
 
     def run():
       nonlocal state
@@ -111,7 +114,7 @@ def _jax_worker(spec: Spec, weights: str) -> dict:
     # the compute dtype.
     params = jax.device_put(jax.tree_util.tree_map(lambda x: x.astype(spec.dtype), params),
                             mesh_lib.replicated(mesh))
-    apply = conv.specialized_for(mesh_lib.platform(mesh), model.apply)
+    apply = conv.specialized_for(convolutions, model.apply)
     forward = lambda params, under, aux: apply_in_dtype(apply, params, under, aux, spec.dtype)
     compiled = jax.jit(forward).lower(params, under, aux).compile()
     run = lambda: jax.block_until_ready(compiled(params, under, aux))
