@@ -1,9 +1,12 @@
 """Prepared shards (fsmnet-prepare-data): every layout reads from them bit for bit as from its
 files, and shards that do not fit the run are refused naming the file or the setting."""
 
+import errno
+import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +121,30 @@ def test_a_truncated_or_missing_shard_and_a_missing_manifest_are_named(brats_sha
     pipeline.make_source(_prepared(config, copy), 'train')
   with pytest.raises(DataError, match=f'{tmp_path}/prepared.json: no such file'):
     pipeline.make_source(_prepared(config, tmp_path), 'train')
+
+
+def test_an_empty_folder_is_filled_in_place_and_left_empty_if_interrupted(brats_shards, tmp_path,
+                                                                          monkeypatch):
+  # A mount point (a container's volume, say) cannot be removed or renamed.
+  config, folder = brats_shards
+  volume = tmp_path / 'volume'
+  volume.mkdir()
+  for name in ('rmdir', 'rename', 'replace'):
+    def busy(source, *args, original=getattr(os, name), **kwargs):
+      if Path(source) == volume:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(volume))
+      return original(source, *args, **kwargs)
+    monkeypatch.setattr(os, name, busy)
+
+  def interrupt(split, done, total):
+    if split == 'test':
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.prepare(config, volume, shard_bytes=2**16, progress=interrupt)
+  assert not any(volume.iterdir())
+  pipeline.prepare(config, volume, shard_bytes=2**16)
+  assert {p.name: p.read_bytes() for p in volume.iterdir()} == {
+      p.name: p.read_bytes() for p in folder.iterdir()}
 
 
 def test_the_command_writes_new_folders_only(brats_shards, demo_root, tmp_path):
