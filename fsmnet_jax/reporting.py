@@ -15,15 +15,30 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
 
-def cpu_model() -> str:
-  """The CPU's model name, from /proc/cpuinfo where there is one: every timing names it."""
+# The instruction sets that decide which kernels the CPU runs, as /proc/cpuinfo flags them.
+CPU_FEATURES = {'avx512f': 'AVX-512', 'avx512_bf16': 'AVX512-BF16', 'amx_tile': 'AMX'}
+
+
+def cpu_model(cpuinfo: Path = Path('/proc/cpuinfo')) -> str:
+  """The CPU, as every timing names it: its model name with family, model and vector units
+  from `cpuinfo` where there is one ('AMD EPYC (family 26, model 2; AVX-512, AVX512-BF16)'):
+  a VM's model name alone may not tell one generation from another."""
   try:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+      key, _, value = line.partition(':')
+      if not key.strip() and fields:  # the end of the first processor's entry
+        break
+      fields.setdefault(key.strip(), value.strip())
   except OSError:
-    pass
-  return platform.processor() or 'unknown'
+    return platform.processor() or 'unknown'
+  flags = fields.get('flags', '').split()
+  details = [f"family {fields['cpu family']}, model {fields['model']}"
+             ] if 'cpu family' in fields and 'model' in fields else []
+  features = [name for flag, name in CPU_FEATURES.items() if flag in flags]
+  details += [', '.join(features)] if features else []
+  name = fields.get('model name') or platform.processor() or 'unknown'
+  return f"{name} ({'; '.join(details)})" if details else name
 
 
 def new_figure(size: tuple[float, float]) -> Any:

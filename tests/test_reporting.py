@@ -2,11 +2,13 @@
 
 import io
 import json
+import platform
 import time
 
 from tensorboardX.proto import event_pb2
 
-from fsmnet_jax.reporting import METRICS_FILE, TENSORBOARD_DIR, MetricWriter, ProgressBar
+from fsmnet_jax.reporting import (METRICS_FILE, TENSORBOARD_DIR, MetricWriter, ProgressBar,
+                                  cpu_model)
 
 
 def _tensorboard_scalars(folder) -> dict[tuple[int, str], float]:
@@ -62,3 +64,18 @@ def test_progress_bar_is_quiet_when_not_a_terminal(monkeypatch):
   bar.update(5, 1.0)
   bar.close()
   assert stream.getvalue() == ''
+
+
+def test_cpu_model_names_the_family_model_and_vector_units(tmp_path):
+  def cpuinfo(name, family, model, flags):
+    entry = (f'processor\t: {{}}\nvendor_id\t: x\ncpu family\t: {family}\nmodel\t\t: {model}\n'
+             f'model name\t: {name}\nflags\t\t: fpu sse2 {flags}\n\n')
+    path = tmp_path / name.split()[0]
+    path.write_text(entry.format(0) + entry.format(1).replace(flags, ''))
+    return path
+  assert cpu_model(cpuinfo('Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz', 6, 207,
+                           'avx512f avx512_bf16 amx_bf16 amx_tile')) == (
+      'Intel(R) Xeon(R) Platinum 8581C CPU @ 2.10GHz (family 6, model 207; AVX-512, '
+      'AVX512-BF16, AMX)')
+  assert cpu_model(cpuinfo('AMD EPYC', 25, 1, 'avx2')) == 'AMD EPYC (family 25, model 1)'
+  assert cpu_model(tmp_path / 'missing') == (platform.processor() or 'unknown')
