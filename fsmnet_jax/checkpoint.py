@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fsmnet_jax.files import (StoragePath, absolute_path, as_path, download, is_url, local_copy,
-                              orbax_reaches, upload, write_atomically)
+                              orbax_reaches, upload, write_folder)
 from fsmnet_jax.orbax_logs import (drop_orbax_stragglers, hide_missing_step_metadata,
                                    hide_orbax_logs)
 
@@ -42,7 +42,7 @@ def save_variables(variables: dict[str, Any], directory: str | os.PathLike,
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(absolute_path(path), variables)
 
-  return write_atomically(directory, write, overwrite)
+  return write_folder(directory, write, overwrite)
 
 
 def load_variables(directory: str | os.PathLike) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from fsmnet_jax import conv, mesh as mesh_lib, metrics
 from fsmnet_jax.data import DataError, kspace, pipeline, transforms
-from fsmnet_jax.files import as_path, refuse_existing, write_atomically
+from fsmnet_jax.files import as_path, refuse_existing, write_folder
 from fsmnet_jax.inference import PRECISIONS, data_consistency, pad_rows
 from fsmnet_jax.model import FSMNet, apply_in_dtype
 from fsmnet_jax.reporting import ProgressBar, new_figure
@@ -320,7 +320,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
   refusal = None
   if jax.process_index() == 0:
     try:
-      refuse_existing([out_dir], overwrite)
+      refuse_existing([out_dir], overwrite, folders=True)
     except FileExistsError as e:
       refusal = str(e)
   refusal = mesh_lib.gather_objects(refusal)[0]
@@ -360,6 +360,6 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, model: FSMNet,
     plot_psnr_by_position(scores.slices, scores.methods, folder / 'psnr_per_slice.png', network)
 
   if jax.process_index() == 0:
-    write_atomically(out_dir, write, overwrite)
+    write_folder(out_dir, write, overwrite)
     logging.info('wrote %s', out_dir)
   return report

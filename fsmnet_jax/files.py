@@ -114,10 +114,48 @@ def write_atomically(path: str | os.PathLike, write: Writer, overwrite: bool = F
   return as_path(path)
 
 
-def refuse_existing(paths: list[str | os.PathLike], overwrite: bool) -> None:
+def write_folder(path: str | os.PathLike, write: Writer, overwrite: bool = False
+                 ) -> StoragePath:
+  """`write_atomically` for an output that is a folder; an existing empty local folder is
+  filled in place instead, as it may be a mount point (a container's volume) or in a folder
+  this user cannot write, and then cannot be replaced.
+
+  `write` then writes into a staging folder inside it, whose entries are moved up in the order
+  they were written (a mark of completeness written last lands last). Interrupted, the folder
+  is left empty.
+  """
+  if not _is_empty_folder(path):
+    return write_atomically(path, write, overwrite)
+  folder = Path(path)
+  staging, placed = folder / f'.partial-{os.getpid()}', []
+  try:
+    write(staging)
+    for written in sorted(staging.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+      placed.append(folder / written.name)
+      os.replace(written, placed[-1])
+  except BaseException:
+    for entry in placed:
+      if entry.is_dir():
+        shutil.rmtree(entry)
+      elif entry.exists():
+        entry.unlink()
+    raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return folder
+
+
+def _is_empty_folder(path: str | os.PathLike) -> bool:
+  return not is_url(path) and Path(path).is_dir() and not any(Path(path).iterdir())
+
+
+def refuse_existing(paths: list[str | os.PathLike], overwrite: bool, folders: bool = False
+                    ) -> None:
   """FileExistsError naming those of `paths` that exist, unless `overwrite` (also called
-  before long work, so that it is not wasted)."""
-  existing = [os.fspath(path) for path in paths if as_path(path).exists()]
+  before long work, so that it is not wasted). With `folders` (outputs that are folders), an
+  empty local folder is not in the way: `write_folder` fills it."""
+  existing = [os.fspath(path) for path in paths
+              if as_path(path).exists() and not (folders and _is_empty_folder(path))]
   if existing and not overwrite:
     raise FileExistsError(f'{", ".join(existing)}: already exists; pass --overwrite to replace '
                           f'{"them" if len(existing) > 1 else "it"}')

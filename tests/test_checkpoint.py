@@ -20,6 +20,13 @@ def test_flax_variables_round_trip_through_orbax(tmp_path):
     assert flat_restored[path].dtype == value.dtype
   with pytest.raises(FileExistsError):
     save_variables(variables, directory)
+  # An empty folder (a container's volume, say) is filled, not refused or replaced.
+  volume = tmp_path / 'volume'
+  volume.mkdir()
+  assert save_variables(variables, volume) == volume
+  assert sorted(p.name for p in volume.iterdir()) == sorted(p.name for p in directory.iterdir())
+  for value, again in zip(*map(jax.tree_util.tree_leaves, (restored, load_variables(volume)))):
+    np.testing.assert_array_equal(again, value)
   with pytest.raises(CheckpointError, match='no such checkpoint folder'):
     load_variables(tmp_path / 'nothing')
   broken = tmp_path / 'broken'

@@ -18,7 +18,6 @@ import concurrent.futures
 import io
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -167,41 +166,14 @@ def write_prepared(out: str | os.PathLike, sources: dict[str, Any], dataset: str
               'compression': WRITER_OPTIONS, 'with_kspace': with_kspace,
               'config': config}
   refuse_existing_out(out, overwrite)
-  if not files.is_url(out) and _is_empty_folder(Path(out)):
-    _fill_empty_folder(Path(out), write)
-  else:
-    files.write_atomically(out, write, overwrite)
+  files.write_folder(out, write, overwrite)  # the manifest, written last, lands last
   return manifest
-
-
-def _fill_empty_folder(folder: Path, write: Callable[[Path], None]) -> None:
-  """`write`s into a staging folder inside the empty `folder`, then moves the files up, the
-  manifest last: an empty folder may be a mount point (a container's volume) or in a folder
-  this user cannot write, so it is filled rather than replaced. Until the manifest is in place
-  the folder is not prepared data; an interrupted write leaves it empty."""
-  staging = folder / f'.partial-{os.getpid()}'
-  try:
-    write(staging)
-    for path in sorted(staging.iterdir(), key=lambda path: path.name == MANIFEST):
-      os.replace(path, folder / path.name)
-  except BaseException:  # interrupted while moving: take back what was moved
-    for path in folder.iterdir():
-      if path != staging:
-        path.unlink()
-    raise
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def refuse_existing_out(out: str | os.PathLike, overwrite: bool) -> None:
   """FileExistsError for an `out` that exists, unless `overwrite` or an empty folder."""
   _check_store(out)
-  if files.is_url(out) or not _is_empty_folder(Path(out)):
-    files.refuse_existing([out], overwrite)
-
-
-def _is_empty_folder(path: Path) -> bool:
-  return path.is_dir() and not any(path.iterdir())
+  files.refuse_existing([out], overwrite, folders=True)
 
 
 def _check_store(root: str | os.PathLike) -> None:
