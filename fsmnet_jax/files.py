@@ -135,13 +135,10 @@ def write_folder(path: str | os.PathLike, write: Writer, overwrite: bool = False
       os.replace(written, placed[-1])
   except BaseException:
     for entry in placed:
-      if entry.is_dir():
-        shutil.rmtree(entry)
-      elif entry.exists():
-        entry.unlink()
+      _remove(entry)
     raise
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove(staging)
   return folder
 
 
@@ -197,10 +194,15 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
       os.replace(temporary, path)
   finally:
     for leftover in leftovers:
-      if leftover.is_dir():
-        shutil.rmtree(leftover)
-      elif leftover.exists():
-        leftover.unlink()
+      _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+  """Deletes a local file or folder, if there is one."""
+  if path.is_dir():
+    shutil.rmtree(path)
+  elif path.exists():
+    path.unlink()
 
 
 def upload(local: Path, destination: StoragePath, last: str | None = None) -> None:

@@ -261,7 +261,6 @@ def test_profile_tells_xlas_depthwise_convolutions_from_dense_ones():
   assert classes.count('depthwise convolution') >= 4
 
 
-
 def test_command_line_runs_the_plan_and_fails_only_for_errors_that_count(tmp_path, monkeypatch,
                                                                           capsys):
   saved, launched, failing = [], [], set()
