@@ -62,27 +62,14 @@ def mask_path(out: StoragePath) -> StoragePath:
   return out.with_name(f'{name}_mask.npy')
 
 
-def _load_nifti(path: StoragePath) -> nib.Nifti1Image:
-  try:
-    with local_copy(path) as local:  # the header, read now; the voxels come from load_pair
-      image = nib.load(str(local))
-  except FileNotFoundError:
-    raise DataError(f'{path}: no such file') from None
-  except Exception as e:  # nibabel raises many types for damaged files
-    raise DataError(f'{path}: not a readable NIfTI file ({type(e).__name__}: {e})') from e
-  if len(image.shape) < 3:
-    raise DataError(f'{path}: expected a 3-D volume, got shape {image.shape}')
-  return image
-
-
-def check_same_grid(t1_path: StoragePath, t1: nib.Nifti1Image, t2_path: StoragePath,
-                    t2: nib.Nifti1Image) -> None:
+def check_same_grid(t1_path: StoragePath, t1: volumes.Volume, t2_path: StoragePath,
+                    t2: volumes.Volume) -> None:
   """DataError unless T1 and T2 share one voxel grid (shape, orientation and affine)."""
   where = f'{t1_path} and {t2_path}'
   or_align = ' (or align it by the headers: --align-by-headers)'
-  if t1.shape[:3] != t2.shape[:3]:
-    raise DataError(f'{where}: T1 and T2 differ in size ({t1.shape[:3]} vs {t2.shape[:3]}); '
-                    f'resample T1 onto the T2 grid first{or_align}')
+  if t1.voxels.shape != t2.voxels.shape:
+    raise DataError(f'{where}: T1 and T2 differ in size ({t1.voxels.shape} vs '
+                    f'{t2.voxels.shape}); resample T1 onto the T2 grid first{or_align}')
   t1_axes, t2_axes = nib.aff2axcodes(t1.affine), nib.aff2axcodes(t2.affine)
   if t1_axes != t2_axes:
     raise DataError(f'{where}: T1 and T2 differ in orientation ({"".join(t1_axes)} vs '
@@ -117,11 +104,11 @@ def reconstruct_nifti(reconstructor: Reconstructor, data: ml_collections.ConfigD
   if not out.name.endswith(NIFTI_SUFFIXES):
     raise DataError(f'{out}: a NIfTI input gives a NIfTI output; name it .nii or .nii.gz')
   refuse_existing([out, mask_path(out)], overwrite)
-  t1_file, t2_file = _load_nifti(t1_path), _load_nifti(t2_path)
+  t1_file, t2_file = volumes.read_volume(t1_path), volumes.read_volume(t2_path)
   if not align_by_headers:
     check_same_grid(t1_path, t1_file, t2_path, t2_file)
-  t1_raw, t2_raw = volumes.load_pair(volumes.VolumePair(t2_path.name, t2_path, t1_path),
-                                     align_by_headers)
+  t1_raw, t2_raw = volumes.pair_on_target_grid(volumes.VolumePair(t2_path.name, t2_path, t1_path),
+                                               t1_file, t2_file, align_by_headers)
   size, percentile = data.image_size, data.percentile
   scale = volumes.intensity_scale(t2_raw, percentile, t2_path)
   t1 = transforms.fit_to_size(volumes.robust_scale(t1_raw, percentile, t1_path), size)

@@ -291,9 +291,14 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_any_work(
   assert time.monotonic() - started < 60
 
 
-def test_scans_in_a_bucket_are_reconstructed_into_it_as_local_ones(tmp_path, capsys, data_root,
-                                                                   bucket_data, store):
-  """fsmnet-reconstruct with its inputs and outputs URLs: NIfTI and k-space."""
+def test_scans_in_a_bucket_are_reconstructed_into_it_as_local_ones(tmp_path, capsys, monkeypatch,
+                                                                   data_root, bucket_data, store):
+  """fsmnet-reconstruct with its inputs and outputs URLs: NIfTI and k-space, each input
+  downloaded once."""
+  downloads = []
+  download = files.download
+  monkeypatch.setattr(files, 'download',
+                      lambda remote, local: downloads.append(str(remote)) or download(remote, local))
   weights = save_variables(init_variables(FSMNet(**tiny.get_config().model), jax.random.key(1)),
                            tmp_path / 'weights')
   common = ['--checkpoint', str(weights), '--config', str(REPO / 'configs/tiny.py'),
@@ -305,7 +310,9 @@ def test_scans_in_a_bucket_are_reconstructed_into_it_as_local_ones(tmp_path, cap
                           'brain.nii.gz'),
                          ([f'--kspace={root}/fastmri/file_demo0001.h5',
                            f'--reference={root}/fastmri/file_demo0000.h5'], 'knee.h5')):
+      downloads.clear()
       assert reconstruct_cli.main([*common, *inputs, f'--out={out}/{name}']) == 0
+      assert sorted(downloads) == sorted(x.split('=', 1)[1] for x in inputs if '://' in x)
     outputs = {}
     for name in ('brain.nii.gz', 'brain_mask.npy', 'knee.h5', 'knee_mask.npy'):
       with local_copy(as_path(f'{out}/{name}')) as local:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -82,16 +82,25 @@ def find_glob_pairs(root: str | os.PathLike, target_glob: str, reference_glob: s
       f'target volume ({target_glob})', f'reference volume ({reference_glob})')
 
 
-def read_volume(path: StoragePath) -> tuple[np.ndarray, np.ndarray]:
-  """(voxels, affine) of a NIfTI file: a finite real 3-D float32 volume, else a DataError
-  naming the file and the problem. A file in a bucket is copied to a local temporary folder
-  to be read (nibabel reads files; `cached_pair` keeps the decoded result)."""
+class Volume(NamedTuple):
+  """A NIfTI file's voxels (a finite real 3-D float32 array), voxel-to-world affine and header."""
+  voxels: np.ndarray
+  affine: np.ndarray
+  header: nib.Nifti1Header
+
+
+def read_volume(path: StoragePath) -> Volume:
+  """The NIfTI file at `path`, else a DataError naming the file and the problem. A file in a
+  bucket is copied to a local temporary folder to be read (nibabel reads files; `cached_pair`
+  keeps the decoded result), once: callers that need the header too take it from here."""
   try:
     with local_copy(path) as local:
       image = nib.load(str(local))
       shape, dtype = image.shape, image.get_data_dtype()
       if 0 not in shape and dtype.kind in 'biuf':
         data = np.asarray(image.dataobj, dtype=np.float32)
+  except FileNotFoundError:
+    raise DataError(f'{path}: no such file') from None
   except Exception as e:  # nibabel raises many types for damaged files
     raise DataError(f'{path}: not a readable NIfTI volume ({type(e).__name__}: '
                     f'{str(e).splitlines()[0][:160] if str(e) else "truncated?"})') from e
@@ -109,7 +118,7 @@ def read_volume(path: StoragePath) -> tuple[np.ndarray, np.ndarray]:
   if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
     raise DataError(f'{path}: its voxel-to-world affine is singular or not finite '
                     f'({np.round(affine[:3], 4).tolist()})')
-  return data, affine
+  return Volume(data, affine, image.header)
 
 
 def axial_slices(data: np.ndarray, affine: np.ndarray, path: Path) -> np.ndarray:
@@ -128,7 +137,8 @@ def axial_slices(data: np.ndarray, affine: np.ndarray, path: Path) -> np.ndarray
 
 def load_axial_slices(path: Path) -> np.ndarray:
   """(slices, rows, cols) float32: the axial slices of a NIfTI file (see `axial_slices`)."""
-  return axial_slices(*read_volume(path), path)
+  volume = read_volume(path)
+  return axial_slices(volume.voxels, volume.affine, path)
 
 
 def to_file_layout(slices: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -158,23 +168,30 @@ def load_pair(pair: VolumePair, align_by_headers: bool) -> tuple[np.ndarray, np.
   """(reference, target) axial slices on the target's voxel grid. A reference on another grid
   is resampled onto it if `align_by_headers`; else volumes of one shape are taken as one grid
   and others refused (BraTS ships co-registered pairs)."""
-  target, target_affine = read_volume(pair.target)
-  reference, reference_affine = read_volume(pair.reference)
-  same_grid = (reference.shape == target.shape
-               and np.allclose(reference_affine, target_affine, atol=GRID_TOLERANCE_MM))
+  target = read_volume(pair.target)
+  return pair_on_target_grid(pair, read_volume(pair.reference), target, align_by_headers)
+
+
+def pair_on_target_grid(pair: VolumePair, reference: Volume, target: Volume,
+                        align_by_headers: bool) -> tuple[np.ndarray, np.ndarray]:
+  """`load_pair` of the volumes already read from `pair`'s files."""
+  reference_voxels, reference_affine = reference.voxels, reference.affine
+  same_grid = (reference_voxels.shape == target.voxels.shape
+               and np.allclose(reference_affine, target.affine, atol=GRID_TOLERANCE_MM))
   if not same_grid and align_by_headers:
-    reference, overlap = resample_onto(reference, reference_affine, target.shape, target_affine)
+    reference_voxels, overlap = resample_onto(reference_voxels, reference_affine,
+                                              target.voxels.shape, target.affine)
     if not overlap:
       raise DataError(f'{pair.reference} and {pair.target}: by their headers the two volumes do '
                       'not overlap; they are not one head in one scanner frame')
-    reference_affine = target_affine
-  reference = axial_slices(reference, reference_affine, pair.reference)
-  target = axial_slices(target, target_affine, pair.target)
-  if reference.shape != target.shape:
+    reference_affine = target.affine
+  reference_slices = axial_slices(reference_voxels, reference_affine, pair.reference)
+  target_slices = axial_slices(target.voxels, target.affine, pair.target)
+  if reference_slices.shape != target_slices.shape:
     raise DataError(f'{pair.reference} and {pair.target}: the reference and the target differ '
-                    f'in shape ({reference.shape} vs {target.shape}); register them to one grid '
-                    'first')
-  return reference, target
+                    f'in shape ({reference_slices.shape} vs {target_slices.shape}); register them '
+                    'to one grid first')
+  return reference_slices, target_slices
 
 
 def intensity_scale(volume: np.ndarray, percentile: float, path: Path) -> float:
