@@ -7,9 +7,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# Per-sample kernel gradients pay off only on large feature maps: on small ones the gain is
-# small and the unrolled form costs compile time, so they start above this many pixels.
-PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS = 64 * 64
+# Below this many pixels XLA:CPU's own kernel gradient is fast enough: the per-sample and
+# by-rows forms gain little on small feature maps and cost compile time.
+LARGE_MAP_MIN_PIXELS = 64 * 64
 
 # `specialized_for(XLA_NATIVE, fn)`: XLA's own convolutions on any device, those GPUs and TPUs
 # run (fsmnet-bench's jax-xla-conv measures what the CPU paths gain against them).
@@ -45,11 +45,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, feature_group_count: int = 1) -> 
     return _by_platform(x, kernel, cpu=_depthwise_by_shifts,
                         default=jax.named_scope('depthwise_conv')(plain))
   if feature_group_count == 1:
-    per_sample = (kernel.shape[0] > 1 and _known_batch(x) > 1
-                  and x.shape[1] * x.shape[2] > PER_SAMPLE_KERNEL_GRAD_MIN_PIXELS)
     return _by_platform(
         x, kernel, default=plain,
-        cpu=functools.partial(_conv_with_explicit_gradients, per_sample_kernel_grad=per_sample))
+        cpu=functools.partial(_conv_with_explicit_gradients,
+                              kernel_gradient=kernel_gradient_form(x.shape, kernel.shape)))
   return plain(x, kernel)
 
 
@@ -61,9 +60,21 @@ def _by_platform(x: jax.Array, kernel: jax.Array, *, cpu: Callable, default: Cal
   return (cpu if platform == 'cpu' else default)(x, kernel)
 
 
-def _known_batch(x: jax.Array) -> int:
-  """The batch size, or 0 if it is symbolic (jax.export with a polymorphic batch)."""
-  return x.shape[0] if isinstance(x.shape[0], int) else 0
+def kernel_gradient_form(x_shape: tuple, kernel_shape: tuple) -> str:
+  """How the CPU path computes the kernel gradient of a dense convolution of an NHWC input of
+  `x_shape` by an HWIO kernel of `kernel_shape` (measured: docs/xla_cpu_convolutions.md).
+
+  'by_rows' where the output has more channels than the input, 'per_sample' for other batches
+  of large images, else 'convolution' (XLA's own), always so for a symbolic batch (jax.export
+  with a polymorphic batch: it cannot be sliced into samples nor its rows counted).
+  """
+  batch, height, width, channels_in = x_shape
+  large = kernel_shape[0] > 1 and height * width > LARGE_MAP_MIN_PIXELS
+  if not large or not isinstance(batch, int):
+    return 'convolution'
+  if channels_in < kernel_shape[-1]:
+    return 'by_rows'
+  return 'per_sample' if batch > 1 else 'convolution'
 
 
 def _plain_conv2d(x: jax.Array, kernel: jax.Array, feature_group_count: int) -> jax.Array:
@@ -125,37 +136,41 @@ _depthwise_by_shifts.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 # Dense: XLA rewrites its own gradient convolutions into the one layout XLA:CPU runs with its
-# fast (Eigen) kernels, plain NHWC, only in the entry computation; inside a loop body (the scan
-# of gradient accumulation) they run on a naive kernel. So the gradients are written out in
-# that layout here. XLA:CPU's kernel gradient of a batched 3x3 convolution is also slower than
-# the sum of per-sample ones, and falls off a cliff on large images: `per_sample_kernel_grad`.
+# fast kernels, plain NHWC, only in the entry computation; inside a loop body (the scan of
+# gradient accumulation) they run on a naive kernel. So the gradients are written out in that
+# layout here. XLA:CPU's kernel gradient, a convolution with a window as large as the image,
+# is also slower batched than summed over samples, and ~3x slower still when the output has
+# more channels than the input: `kernel_gradient_form`.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_with_explicit_gradients(x: jax.Array, kernel: jax.Array,
-                                  per_sample_kernel_grad: bool) -> jax.Array:
+                                  kernel_gradient: str) -> jax.Array:
   """A dense 'same' convolution (odd kernel size) whose gradients are plain NHWC convolutions,
-  the kernel gradient of a batch summed over per-sample ones with `per_sample_kernel_grad`."""
-  del per_sample_kernel_grad  # a property of the gradient only
+  its kernel gradient computed in the form `kernel_gradient` (see `kernel_gradient_form`)."""
+  del kernel_gradient  # a property of the gradient only
   return _plain_conv2d(x, kernel, feature_group_count=1)
 
 
-def _explicit_forward(x, kernel, per_sample_kernel_grad):
-  return _conv_with_explicit_gradients(x, kernel, per_sample_kernel_grad), (x, kernel)
+def _explicit_forward(x, kernel, kernel_gradient):
+  return _conv_with_explicit_gradients(x, kernel, kernel_gradient), (x, kernel)
 
 
-def _explicit_backward(per_sample_kernel_grad, residuals, grad):
+def _explicit_backward(kernel_gradient, residuals, grad):
   x, kernel = residuals
   # The input gradient: the same convolution of the output gradient, the kernel flipped in
   # space and its input and output channels swapped.
   with jax.named_scope('conv_input_gradient'):
     dx = _plain_conv2d(grad, kernel[::-1, ::-1].swapaxes(2, 3), feature_group_count=1)
-  if per_sample_kernel_grad:
-    dk = functools.reduce(jnp.add, [_kernel_gradient(x[i:i + 1], grad[i:i + 1], kernel.shape[0])
+  k = kernel.shape[0]
+  if kernel_gradient == 'by_rows':
+    dk = _kernel_gradient_by_rows(x, grad, k)
+  elif kernel_gradient == 'per_sample':
+    dk = functools.reduce(jnp.add, [_kernel_gradient(x[i:i + 1], grad[i:i + 1], k)
                                     for i in range(x.shape[0])])
   else:
-    dk = _kernel_gradient(x, grad, kernel.shape[0])
-  return dx, dk
+    dk = _kernel_gradient(x, grad, k)
+  return dx, dk.astype(kernel.dtype)
 
 
 @jax.named_scope('conv_kernel_gradient')
@@ -167,6 +182,32 @@ def _kernel_gradient(x: jax.Array, grad: jax.Array, k: int) -> jax.Array:
       x.transpose(3, 1, 2, 0), grad.transpose(1, 2, 0, 3), window_strides=(1, 1),
       padding=((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return dk.transpose(1, 2, 0, 3)
+
+
+@jax.named_scope('conv_kernel_gradient')
+def _kernel_gradient_by_rows(x: jax.Array, grad: jax.Array, k: int) -> jax.Array:
+  """`_kernel_gradient` as a loop over the image rows of the batch, each adding one matrix
+  product: the row's k*k shifted copies of the padded input side by side (width x k*k*in)
+  transposed, times that row of the output gradient (width x out). A row's copies stay in
+  cache; those of a whole image would not."""
+  batch, height, width, channels_in = x.shape
+  p = k // 2
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  padded = padded.reshape(batch * (height + 2 * p), width + 2 * p, channels_in)
+  # Output row h of image n reads padded rows (height + 2p) * n + h ... + k - 1.
+  first_rows = (jnp.arange(batch)[:, None] * (height + 2 * p) + jnp.arange(height)).reshape(-1)
+
+  def add_row(total, first_row_and_grad_row):
+    first_row, grad_row = first_row_and_grad_row
+    window = jax.lax.dynamic_slice_in_dim(padded, first_row, k, axis=0)
+    taps = jnp.concatenate([window[a, b:b + width] for a in range(k) for b in range(k)], axis=1)
+    return total + jnp.matmul(taps.T, grad_row, preferred_element_type=jnp.float32), None
+
+  channels_out = grad.shape[-1]
+  total, _ = jax.lax.scan(
+      add_row, jnp.zeros((k * k * channels_in, channels_out), jnp.float32),
+      (first_rows, grad.reshape(batch * height, width, channels_out)), unroll=4)
+  return total.reshape(k, k, channels_in, channels_out)
 
 
 _conv_with_explicit_gradients.defvjp(_explicit_forward, _explicit_backward)
