@@ -146,16 +146,32 @@ def _is_empty_folder(path: str | os.PathLike) -> bool:
   return not is_url(path) and Path(path).is_dir() and not any(Path(path).iterdir())
 
 
-def refuse_existing(paths: list[str | os.PathLike], overwrite: bool, folders: bool = False
-                    ) -> None:
+def refuse_existing(paths: list[str | os.PathLike], overwrite: bool,
+                    folders: bool | None = False) -> None:
   """FileExistsError naming those of `paths` that exist, unless `overwrite` (also called
   before long work, so that it is not wasted). With `folders` (outputs that are folders), an
-  empty local folder is not in the way: `write_folder` fills it."""
+  empty local folder is not in the way: `write_folder` fills it. Even with `overwrite`, a
+  folder where the output is a file, or a file where it is a folder, is refused
+  (`refuse_other_kind`); `folders=None`: the kind is checked once the output is written."""
   existing = [os.fspath(path) for path in paths
               if as_path(path).exists() and not (folders and _is_empty_folder(path))]
   if existing and not overwrite:
     raise FileExistsError(f'{", ".join(existing)}: already exists; pass --overwrite to replace '
                           f'{"them" if len(existing) > 1 else "it"}')
+  if folders is not None:
+    refuse_other_kind(existing, folders)
+
+
+def refuse_other_kind(paths: list[str | os.PathLike], folders: bool) -> None:
+  """FileExistsError for a local one of `paths` that is a folder where the output is a file,
+  or a file where it is a folder: --overwrite replaces an earlier output, and such an entry is
+  not one (a folder given as a file's name would be deleted with all in it)."""
+  for path in paths:
+    if not is_url(path) and os.path.lexists(path) and Path(path).is_dir() != folders:
+      there, output = ('a file', 'a folder') if folders else ('a folder', 'a file')
+      raise FileExistsError(f'{os.fspath(path)}: is {there}, and this output is {output}; '
+                            '--overwrite replaces only an earlier output: move it or name '
+                            'another path')
 
 
 def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = False) -> None:
@@ -166,7 +182,7 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
   A URL's output is written to a local temporary folder, then uploaded: nothing reaches the
   store unless every writer finished, but an upload cut short can leave part of it there.
   """
-  refuse_existing(list(writers), overwrite)
+  refuse_existing(list(writers), overwrite, folders=None)
   leftovers = []
   try:
     finished = []
@@ -183,6 +199,8 @@ def write_together(writers: dict[str | os.PathLike, Writer], overwrite: bool = F
         leftovers.append(temporary)
       write(temporary)
       finished.append((temporary, path))
+    for temporary, path in finished:
+      refuse_other_kind([path], folders=temporary.is_dir())
     for temporary, path in finished:
       if is_url(path):
         upload(temporary, as_path(path))

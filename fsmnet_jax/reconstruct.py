@@ -132,6 +132,10 @@ def _read_kspace(path: StoragePath) -> tuple[np.ndarray, np.ndarray | None]:
   one."""
   try:
     with local_copy(path) as local, h5py.File(local, 'r') as f:
+      for name in ('kspace', 'mask'):
+        if name in f and not isinstance(f[name], h5py.Dataset):
+          raise DataError(f'{path}: not a readable fastMRI h5 file with "kspace" ("{name}" is '
+                          f'a {type(f[name]).__name__}, not a dataset)')
       values = f['kspace'][()]
       file_mask = f['mask'][()] if 'mask' in f else None
   except FileNotFoundError:
@@ -158,8 +162,12 @@ def measured_mask(path: StoragePath, values: np.ndarray, file_mask: np.ndarray |
   whether the undersampling was simulated."""
   rows, cols = values.shape[-2:]
   if file_mask is not None:
+    if not np.any(file_mask):
+      raise DataError(f'{path}: its "mask" marks no k-space column as sampled')
     return np.broadcast_to(np.asarray(file_mask, np.float32), (rows, cols)).copy(), False
   measured = np.any(values != 0, axis=tuple(range(values.ndim - 1)))
+  if not measured.any():
+    raise DataError(f'{path}: "kspace" holds only zeros')
   if not measured.all():
     return np.broadcast_to(measured.astype(np.float32), (rows, cols)).copy(), False
   if acceleration is None:

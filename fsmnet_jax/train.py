@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsmnet_jax import conv, evaluate, losses, mesh as mesh_lib, optim
 from fsmnet_jax.checkpoint import TRAIN_CHECKPOINT_DIR, TrainCheckpoints, describe_error
-from fsmnet_jax.data import pipeline
+from fsmnet_jax.data import masks, pipeline
 from fsmnet_jax.files import StagedFolder, StoragePath, as_path, is_url, write_atomically
 from fsmnet_jax.model import (MODEL_NAMES, abstract_params, apply_in_dtype, build_model,
                               init_variables, size_multiple)
@@ -93,6 +93,12 @@ def check_settings(config: ml_collections.ConfigDict, data_size: int = 1, proces
   if train.grad_accum_steps < 1 or per_device % train.grad_accum_steps:
     problems.append(f'config.train.grad_accum_steps={train.grad_accum_steps} must divide the '
                     f'per-device batch ({per_device})')
+  if config.data.mask_type not in masks.SAMPLING_MASK_TYPES:
+    problems.append(f'config.data.mask_type={config.data.mask_type!r}: use one of '
+                    f'{", ".join(masks.SAMPLING_MASK_TYPES)}')
+  if not config.data.acceleration > 1:
+    problems.append(f'config.data.acceleration={config.data.acceleration} must be above 1 (the '
+                    'undersampling factor)')
   if train.schedule not in SCHEDULE_DECAY:
     problems.append(f'config.train.schedule={train.schedule!r}: use one of '
                     f'{", ".join(SCHEDULE_DECAY)}')
@@ -393,6 +399,8 @@ def _check_writable(workdir: StoragePath) -> None:
   """Fails before any compute if checkpoints cannot be written in `workdir` (a folder, or a
   bucket URL: no such bucket, no credentials, unreachable)."""
   probe = workdir / TRAIN_CHECKPOINT_DIR / f'.write-check-{os.getpid()}'
+  # The folders made for the probe go again: a run refused later leaves no empty workdir.
+  made = [] if is_url(workdir) else [p for p in (probe.parent, workdir) if not p.exists()]
   try:
     if not is_url(workdir):  # a bucket has no folders (and s3fs would create a missing bucket)
       probe.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +409,10 @@ def _check_writable(workdir: StoragePath) -> None:
   except Exception as e:  # OSError, or what the store's client raises for it
     reason = getattr(e, 'strerror', None) or describe_error(e)
     raise ConfigError(f'--workdir {workdir}: cannot write checkpoints there ({reason})') from e
+  finally:
+    for folder in made:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: StoragePath, start_step: int

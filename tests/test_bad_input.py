@@ -52,6 +52,25 @@ def test_missing_config_file_is_one_line(command, tmp_path):
 
 
 @pytest.mark.parametrize('command', sorted(REQUIRED))
+def test_a_run_config_or_a_value_of_the_wrong_type_is_one_line(command, tmp_path):
+  run_config = _write(tmp_path / 'config.json', b'{"model": {"use_spa_att": false}}')
+  done = _run(command, '--config', str(run_config), cwd=tmp_path)
+  assert done.returncode == 2
+  assert _error_lines(done.stderr) == [
+      f'{command}: error: --config: {run_config}: not a config file, a Python file with '
+      "get_config() as configs/*.py (NameError: name 'false' is not defined); a run's "
+      'config.json is read from the run itself: give the run as --checkpoint, or as --workdir '
+      'to resume it']
+  done = _run(command, '--config', str(ROOT / 'configs' / 'tiny.py'),
+              '--config.train.num_steps=abc', cwd=tmp_path)
+  assert done.returncode == 2
+  assert _error_lines(done.stderr) == [
+      f"{command}: error: flag --config.train.num_steps=abc: invalid literal for int() with "
+      "base 10: 'abc'"]
+  assert not (tmp_path / 'unused_workdir').exists()
+
+
+@pytest.mark.parametrize('command', sorted(REQUIRED))
 def test_unknown_config_key_is_one_line(command, tmp_path):
   done = _run(command, '--config', str(ROOT / 'configs' / 'default.py'),
               '--config.train.learning_rat=1e-3', cwd=tmp_path)
@@ -59,6 +78,15 @@ def test_unknown_config_key_is_one_line(command, tmp_path):
   assert _error_lines(done.stderr) == [
       f'{command}: error: --config.train.learning_rat: no such config key '
       f'(Did you mean "learning_rate" instead of "learning_rat"?)']
+  assert not (tmp_path / 'unused_workdir').exists()
+
+
+def test_a_run_refused_after_the_workdir_check_leaves_no_workdir(tmp_path):
+  done = _run('fsmnet-train', '--config', str(ROOT / 'configs' / 'tiny.py'),
+              '--config.data.dataset=bratz', cwd=tmp_path)
+  assert done.returncode == 2
+  assert _error_lines(done.stderr)[-1].startswith(
+      "fsmnet-train: error: config.data.dataset: unknown data set 'bratz'")
   assert not (tmp_path / 'unused_workdir').exists()
 
 
@@ -86,7 +114,8 @@ def good_inputs(tmp_path_factory):
   weights = save_variables(init_variables(model, jax.random.key(1)), root / 'weights')
   return {'t1': subject / 'DemoBraTS_000_t1.nii.gz', 't2': subject / 'DemoBraTS_000_t2.nii.gz',
           'reference': root / 'fastmri' / 'file_demo0000.h5',
-          'kspace': root / 'fastmri' / 'file_demo0001.h5', 'checkpoint': weights}
+          'kspace': root / 'fastmri' / 'file_demo0001.h5', 'checkpoint': weights,
+          'config': ROOT / 'configs' / 'tiny.py'}
 
 
 def _write(path, data: bytes):
@@ -120,11 +149,19 @@ def _with_voxel(good, value):
   return data
 
 
-def _kspace_file(path, good, edit):
+def _kspace_file(path, good, edit, mask=None):
   with h5py.File(good['kspace']) as f:
     values = f['kspace'][()]
   with h5py.File(path, 'w') as f:
     f['kspace'] = edit(values)
+    if mask is not None:
+      f['mask'] = mask(values.shape[-1])
+  return path
+
+
+def _h5_with_a_kspace_group(path):
+  with h5py.File(path, 'w') as f:
+    f.create_group('kspace')
   return path
 
 
@@ -227,9 +264,27 @@ RECONSTRUCT_CASES = {
                      '(slices, coils, rows, cols) multi-coil data'),
     '1-pixel k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g, lambda k: k[:, :1, :1]),
                         "k-space of 1x1 is smaller than the model's image size 32"),
+    'kspace group, not a dataset': ('kspace', lambda d, g: _h5_with_a_kspace_group(d / 'k.h5'),
+                                    'not a readable fastMRI h5 file with "kspace" ("kspace" is a '
+                                    'Group, not a dataset)'),
+    'mask of no column': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g, lambda k: k,
+                                                              mask=np.zeros),
+                          'its "mask" marks no k-space column as sampled'),
+    'all-zero k-space': ('kspace', lambda d, g: _kspace_file(d / 'k.h5', g, np.zeros_like),
+                         '"kspace" holds only zeros'),
     'reference of another volume': ('reference', lambda d, g: _kspace_file(d / 'r.h5', g,
                                                                            lambda k: k[:-1]),
                                     '4 vs 3 slices; give the reference scan of the same volume'),
+    # Config files: a run's config.json for a configs/*.py file, one whose code fails.
+    'config.json as --config': ('config', lambda d, g: _write(d / 'config.json',
+                                                              b'{"model": {"use_spa_att": false}}'),
+                                'not a config file, a Python file with get_config() as '
+                                "configs/*.py (ValueError: a .json file); a run's config.json is "
+                                'read from the run itself'),
+    'config that does not run': ('config', lambda d, g: _write(d / 'broken.py',
+                                                               b'def get_config(:\n'),
+                                 'not a config file, a Python file with get_config() as '
+                                 'configs/*.py (SyntaxError: '),
     # Checkpoints.
     'truncated .pth': ('checkpoint', lambda d, g: _truncated(d / 'w.pth', _torch_file(
         d / 'full.pth', g)), 'not a readable PyTorch checkpoint (truncated or corrupt?)'),
@@ -273,7 +328,7 @@ def test_reconstruct_refuses_bad_input_in_one_line(case, good_inputs, tmp_path, 
   out = tmp_path / 'out' / ('recon.nii.gz' if scans[0] == 't1' else 'recon.h5')
   before = _digests(tmp_path, good_inputs['checkpoint'].parent)
   code = reconstruct_cli.main([
-      '--checkpoint', str(inputs['checkpoint']), '--config', str(ROOT / 'configs' / 'tiny.py'),
+      '--checkpoint', str(inputs['checkpoint']), '--config', str(inputs['config']),
       *(f'--{scan}={inputs[scan]}' for scan in scans), '--acceleration', '4', '--out', str(out)])
   lines = _error_lines(capsys.readouterr().err)
   assert code == 2 and len(lines) == 1, lines

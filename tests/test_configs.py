@@ -61,3 +61,16 @@ def test_the_data_set_configs_train_the_papers_model_with_its_recipe(name):
   assert (config.train.batch_size, config.train.num_steps, config.train.learning_rate,
           config.train.decay_every, config.train.schedule, config.train.clip_norm) == (
               4, 100_000, 1e-4, 20_000, 'reference', 0.01)
+
+
+@pytest.mark.parametrize('key,value,problem', [
+    ('data.acceleration', 0, 'config.data.acceleration=0 must be above 1'),
+    ('data.acceleration', 1, 'config.data.acceleration=1 must be above 1'),
+    ('data.mask_type', 'randomm', "config.data.mask_type='randomm': use one of random, "),
+    ('train.num_steps', 0, 'config.train.num_steps=0 must be at least 1')])
+def test_a_setting_that_cannot_run_is_refused_before_any_work(key, value, problem):
+  config = load_config_file(CONFIG_DIR / 'tiny.py')
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(train.ConfigError, match=problem):
+    train.check_settings(config)

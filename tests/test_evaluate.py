@@ -130,6 +130,11 @@ def test_refuses_an_existing_output(config, params, evaluation):
   with pytest.raises(FileExistsError, match='pass --overwrite'):
     evaluate.evaluate(config, params, FSMNet(**config.model), out)
   assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+  a_file = out.parent / 'a_file'
+  a_file.write_text('the user\'s')
+  with pytest.raises(FileExistsError, match='is a file, and this output is a folder'):
+    evaluate.evaluate(config, params, FSMNet(**config.model), a_file, overwrite=True)
+  assert a_file.read_text() == 'the user\'s'
 
 
 # fsmnet-eval (argv: a file to create, then its flags) whose last figure waits for a signal.

@@ -109,3 +109,9 @@ def test_cli_writes_the_artifact_and_refuses_to_overwrite_it(tmp_path, capsys,
   assert export_cli.main([*arguments, '--precision', 'bf16', '--overwrite']) == 0
   assert 'reconstruction (bf16), for cpu, cuda, tpu' in capsys.readouterr().out
   assert 'xbf16>' in _load(out).mlir_module()
+  folder = tmp_path / 'folder.jaxexport'
+  (folder / 'kept').mkdir(parents=True)
+  assert export_cli.main([*arguments[:-4], '--out', str(folder), '--overwrite']) == 2
+  assert f'{folder}: is a folder, and this output is a file' in capsys.readouterr().err
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+  assert (folder / 'kept').is_dir()

@@ -152,6 +152,15 @@ def test_nifti_input_errors(tmp_path, data_config):
   reconstruct.reconstruct_nifti(_reference_as_output, data_config, t2, t2, existing, 4, 0,
                                 overwrite=True)
   assert nib.load(str(existing)).shape == (16, 16, 4)
+  # --overwrite replaces earlier outputs, not a folder that stands where one would go.
+  for out in (tmp_path / 'folder.nii.gz', tmp_path / 'folder_for_the_mask.nii.gz'):
+    folder = out if out.name == 'folder.nii.gz' else reconstruct.mask_path(out)
+    (folder / 'kept').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=f'{folder}: is a folder, and this output is a '
+                                              'file; --overwrite replaces only an earlier output'):
+      reconstruct.reconstruct_nifti(_reference_as_output, data_config, t2, t2, out, 4, 0,
+                                    overwrite=True)
+    assert (folder / 'kept').is_dir()
 
 
 def test_a_t1_on_another_grid_is_aligned_by_the_headers_when_asked(tmp_path, data_config):

@@ -114,16 +114,53 @@ def _parse_flags(argv: list[str]) -> list[str]:
   not load and a --config.key=value that names no key (ml_collections raises those as
   OSError and AttributeError; absl reports only its own errors)."""
   try:
-    remaining = app.parse_flags_with_usage(argv)
+    remaining = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:  # a config file that failed to load raises on first use
-      flags.FLAGS.config.to_dict()
+      _check_loaded_config(flags.FLAGS.config, _config_argument(argv[1:]))
     return remaining
+  except flags.Error as e:  # a --config.key=value of the wrong type, say
+    problem = str(e)
   except OSError as e:
     problem = f'--config: {str(e).strip().splitlines()[-1].strip()}'
   except (AttributeError, KeyError) as e:
     problem = _unknown_key(e, argv[1:])
+  except DataError as e:
+    problem = f'--config: {e}'
+  except Exception as e:  # pylint: disable=broad-except
+    # Flag parsing runs the --config file: whatever it raises means that file does not load.
+    problem = f'--config: {_not_a_config(_config_argument(argv[1:]), e)}'
   print(f'{Path(argv[0]).name}: error: {problem}', file=sys.stderr)
   sys.exit(2)
+
+
+def _config_argument(arguments: list[str]) -> str:
+  """The file given as --config in `arguments`."""
+  for i, argument in enumerate(arguments):
+    if argument.startswith('--config='):
+      return argument.split('=', 1)[1]
+    if argument == '--config' and i + 1 < len(arguments):
+      return arguments[i + 1]
+  return '--config'
+
+
+def _not_a_config(path: str | Path, error: BaseException) -> str:
+  """Why `path` does not load as a config file, in one line."""
+  detail = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  hint = ('; a run\'s config.json is read from the run itself: give the run as --checkpoint, '
+          'or as --workdir to resume it' if str(path).endswith('.json') else '')
+  return (f'{path}: not a config file, a Python file with get_config() as configs/*.py '
+          f'({type(error).__name__}{": " + detail if detail else ""}){hint}')
+
+
+def _check_loaded_config(config: Any, path: str | Path) -> ml_collections.ConfigDict:
+  """`config` if `get_config()` gave a ConfigDict, else a DataError naming `path`."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    if hasattr(config, 'to_dict'):  # ml_collections' stand-in for a file that did not load
+      config.to_dict()  # raises that file's error
+    raise DataError(f'{path}: its get_config() returned {type(config).__name__}, not an '
+                    'ml_collections.ConfigDict')
+  config.to_dict()
+  return config
 
 
 def _unknown_key(error: AttributeError | KeyError, arguments: list[str]) -> str:
@@ -138,13 +175,19 @@ def _unknown_key(error: AttributeError | KeyError, arguments: list[str]) -> str:
 
 
 def load_config_file(path: Path) -> ml_collections.ConfigDict:
-  """`get_config()` of a configs/*.py file."""
+  """`get_config()` of a configs/*.py file, else a DataError naming the file."""
   if not path.is_file():
     raise DataError(f'{path}: no such config file')
+  if path.suffix != '.py':
+    raise DataError(_not_a_config(path, ValueError(f'a {path.suffix or "suffixless"} file')))
   spec = importlib.util.spec_from_file_location(f'fsmnet_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(_not_a_config(path, e)) from e  # the file's own code raised it
+  return _check_loaded_config(config, path)
 
 
 def check_data_settings(config: ml_collections.ConfigDict) -> None:

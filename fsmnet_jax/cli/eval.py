@@ -2,7 +2,8 @@
 per-slice CSV, pictures and both metric conventions.
 
   fsmnet-eval --config configs/brats_4x.py --checkpoint runs/brats_4x \\
-    --config.data.root /data/BraTS2020 [--split test] [--out DIR] [--data_consistency]
+    --config.data.root /data/BraTS2020/MICCAI_BraTS2020_TrainingData \\
+    [--split test] [--out DIR] [--data_consistency]
 
 Multi-host: `--distributed`, or `--coordinator_address host:port --num_processes N
 --process_id I` (fsmnet_jax/cli/distributed.py): each process scores its share of the volumes,

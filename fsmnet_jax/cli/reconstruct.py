@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                            "the T2 grid through the two files' affines (not a registration); "
                            'default: refused')
   parser.add_argument('--acceleration', type=int,
-                      help='undersampling factor to simulate (default: the config\'s; '
-                           'k-space files with measured lines ignore it)')
+                      help='undersampling factor to simulate (NIfTI: default the config\'s; '
+                           'k-space: needed for a fully-sampled file, ignored for one with '
+                           'measured lines)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the simulated mask')
   parser.add_argument('--data-consistency', action='store_true',
                       help='put the measured k-space lines back into the output (single-coil '

@@ -1,7 +1,7 @@
 """fsmnet-train: trains FSMNet from a config file, resuming from the workdir's checkpoint.
 
   fsmnet-train --config configs/brats_4x.py --workdir runs/brats_4x \\
-    --config.data.root /data/BraTS2020 [--config.key=value ...]
+    --config.data.root /data/BraTS2020/MICCAI_BraTS2020_TrainingData [--config.key=value ...]
 
 Multi-host: `--distributed`, or `--coordinator_address host:port --num_processes N
 --process_id I` (fsmnet_jax/cli/distributed.py).

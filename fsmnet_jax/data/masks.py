@@ -253,6 +253,10 @@ def poisson_disc_mask(image_shape: tuple[int, int], acceleration: float,
   return best.astype(np.float32)
 
 
+# config.data.mask_type: fastMRI's line masks, and the 2-D variable-density ones.
+SAMPLING_MASK_TYPES = (*MASK_TYPES, 'gaussian', 'poisson')
+
+
 def sampling_mask(config: ml_collections.ConfigDict, shape: tuple[int, int], seed) -> np.ndarray:
   """The (rows, cols) k-space mask of `config.mask_type`: a fastMRI type samples whole lines
   at positions along `config.mask_axis` (1: columns, fastMRI's phase encoding); 'gaussian' is
