@@ -21,6 +21,10 @@ from fsmnet_jax.inference import PRECISIONS, params_in, reconstruct_slices
 from fsmnet_jax.model import DOWNSAMPLING_FACTOR, FSMNet
 
 
+# What jax.export lowers for (an artifact's platforms are checked only where it is called).
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+
 def export_inference(model: FSMNet, params: Any, image_size: int, batch_size: int | None = None,
                      platforms: Sequence[str] | None = None, precision: str = 'fp32'
                      ) -> export.Exported:
@@ -30,6 +34,10 @@ def export_inference(model: FSMNet, params: Any, image_size: int, batch_size: in
   if image_size <= 0 or image_size % DOWNSAMPLING_FACTOR:
     raise ValueError(f'image size {image_size} must be a positive multiple of '
                      f'{DOWNSAMPLING_FACTOR}')
+  unknown = sorted(set(platforms or ()) - set(PLATFORMS))
+  if unknown:
+    raise ValueError(f'platforms {", ".join(map(repr, unknown))}: use some of '
+                     f'{", ".join(PLATFORMS)}')
   batch = export.symbolic_shape('b')[0] if batch_size is None else batch_size
   params = params_in(precision, params)
   function = lambda under, aux: reconstruct_slices(params, under, aux, apply_fn=model.apply,

@@ -20,6 +20,8 @@ import pytest
 
 from fsmnet_jax.configs import tiny
 from fsmnet_jax.checkpoint import save_variables
+from fsmnet_jax.cli import export as export_cli
+from fsmnet_jax.cli import make_demo_data as make_demo_data_cli
 from fsmnet_jax.cli import reconstruct as reconstruct_cli
 from fsmnet_jax.data.demo import make_demo_data
 from fsmnet_jax.model import FSMNet, init_variables
@@ -336,6 +338,23 @@ def test_reconstruct_refuses_bad_input_in_one_line(case, good_inputs, tmp_path, 
   assert str(bad) in lines[0] or str(bad.parent) in lines[0], lines[0]
   assert _digests(tmp_path, good_inputs['checkpoint'].parent) == before
   assert not out.parent.exists()
+
+
+@pytest.mark.parametrize('main,arguments,problem', [
+    (reconstruct_cli.main, ['--checkpoint', 'w', '--t1', 't1.nii', '--t2', 't2.nii', '--out',
+                            'r.nii.gz', '--batch-size', '0'],
+     'argument --batch-size: must be at least 1, got 0'),
+    (export_cli.main, ['--checkpoint', 'w', '--out', 'e.jaxexport', '--batch-size', '-1'],
+     'argument --batch-size: must be at least 0, got -1'),
+    (make_demo_data_cli.main, ['demo', '--image-size', '0'],
+     'argument --image-size: must be at least 8, got 0')])
+def test_a_number_out_of_range_is_refused_by_its_flag(main, arguments, problem, tmp_path, capsys,
+                                                      monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as stopped:
+    main(arguments)
+  assert stopped.value.code == 2 and problem in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
 
 
 def test_training_data_with_a_corrupt_volume_is_named(tmp_path):

@@ -109,6 +109,8 @@ def test_cli_writes_the_artifact_and_refuses_to_overwrite_it(tmp_path, capsys,
   assert export_cli.main([*arguments, '--precision', 'bf16', '--overwrite']) == 0
   assert 'reconstruction (bf16), for cpu, cuda, tpu' in capsys.readouterr().out
   assert 'xbf16>' in _load(out).mlir_module()
+  assert export_cli.main([*arguments[:-2], '--platforms', 'cpu,foo']) == 2
+  assert "platforms 'foo': use some of cpu, cuda, rocm, tpu" in capsys.readouterr().err
   folder = tmp_path / 'folder.jaxexport'
   (folder / 'kept').mkdir(parents=True)
   assert export_cli.main([*arguments[:-4], '--out', str(folder), '--overwrite']) == 2

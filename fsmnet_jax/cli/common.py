@@ -70,6 +70,17 @@ def run_reporting_errors(program: str, command: Callable[[], int | None], debug:
       signal.signal(signal.SIGTERM, previous)
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: an integer of at least `minimum` (argparse's error names the flag)."""
+  def parse(text: str) -> int:
+    value = int(text)  # a ValueError: argparse reports an invalid value
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+    return value
+  parse.__name__ = 'integer'
+  return parse
+
+
 def run_command(name: str, parser: argparse.ArgumentParser, command: Callable[..., int],
                 argv: list[str] | None, user_errors: tuple[type, ...] = USER_ERRORS) -> int:
   """Parses `argv` and runs `command(args)` through `run_reporting_errors`."""

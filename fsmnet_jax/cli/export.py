@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from fsmnet_jax import export
-from fsmnet_jax.cli.common import add_model_arguments, load_model, run_command
+from fsmnet_jax.cli.common import add_model_arguments, int_at_least, load_model, run_command
 from fsmnet_jax.files import as_path
 
 
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                   'returning the reconstruction, runnable without the model code.')
   add_model_arguments(parser)
   parser.add_argument('--out', type=as_path, required=True, help='artifact file to write')
-  parser.add_argument('--image-size', type=int, default=0,
+  parser.add_argument('--image-size', type=int_at_least(0), default=0,
                       help='slice side H = W (default: config.data.image_size)')
-  parser.add_argument('--batch-size', type=int, default=0,
+  parser.add_argument('--batch-size', type=int_at_least(0), default=0,
                       help='fixed batch size (default 0: symbolic, any batch)')
   parser.add_argument('--platforms', default='cpu',
                       help='comma-separated platforms to lower for, e.g. cpu,cuda,tpu')

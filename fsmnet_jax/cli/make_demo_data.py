@@ -4,8 +4,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsmnet_jax.cli.common import USER_ERRORS, run_command
+from fsmnet_jax.cli.common import USER_ERRORS, int_at_least, run_command
 from fsmnet_jax.data import brain_template, demo
+from fsmnet_jax.data.volumes import MIN_SLICE_SIZE
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -25,16 +26,17 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='fsmnet-make-demo-data', description=demo.__doc__)
   parser.add_argument('out_dir', type=Path, help='new (or empty) folder to write into')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--subjects', type=int, default=8, help='BraTS-layout subjects')
-  parser.add_argument('--knee-pairs', type=int, default=4,
+  parser.add_argument('--subjects', type=int_at_least(0), default=8, help='BraTS-layout subjects')
+  parser.add_argument('--knee-pairs', type=int_at_least(0), default=4,
                       help='fastMRI-format single-coil PD/PDFS pairs')
-  parser.add_argument('--ixi-subjects', type=int, default=4, help='IXI-layout subjects')
-  parser.add_argument('--multicoil-pairs', type=int, default=2,
+  parser.add_argument('--ixi-subjects', type=int_at_least(0), default=4, help='IXI-layout subjects')
+  parser.add_argument('--multicoil-pairs', type=int_at_least(0), default=2,
                       help='fastMRI-format multi-coil PD/PDFS pairs')
-  parser.add_argument('--m4raw-subjects', type=int, default=2,
+  parser.add_argument('--m4raw-subjects', type=int_at_least(0), default=2,
                       help='M4Raw-layout subjects (a quarter, at least one, in multicoil_val)')
-  parser.add_argument('--image-size', type=int, default=64, help='in-plane size of every volume')
-  parser.add_argument('--slices', type=int, default=16, help='slices per volume')
+  parser.add_argument('--image-size', type=int_at_least(MIN_SLICE_SIZE), default=64,
+                      help='in-plane size of every volume')
+  parser.add_argument('--slices', type=int_at_least(1), default=16, help='slices per volume')
   parser.add_argument('--anatomy', choices=demo.ANATOMIES, default='phantom',
                       help="the brain subjects: ellipsoid phantoms, or 'brain': the ICBM152 "
                            'template deformed per subject (needs the brain extra, nilearn)')

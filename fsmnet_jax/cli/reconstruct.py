@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from fsmnet_jax import inference, reconstruct
-from fsmnet_jax.cli.common import add_model_arguments, load_model, run_command
+from fsmnet_jax.cli.common import add_model_arguments, int_at_least, load_model, run_command
 from fsmnet_jax.files import as_path
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--data-consistency', action='store_true',
                       help='put the measured k-space lines back into the output (single-coil '
                            'k-space and NIfTI)')
-  parser.add_argument('--batch-size', type=int, default=8,
+  parser.add_argument('--batch-size', type=int_at_least(1), default=8,
                       help='slices per step, split over the local devices')
   parser.add_argument('--out', type=as_path, required=True,
                       help='output: .nii/.nii.gz (keeps a NIfTI input\'s affine and header) or, '
