@@ -340,6 +340,18 @@ def test_reconstruct_refuses_bad_input_in_one_line(case, good_inputs, tmp_path, 
   assert not out.parent.exists()
 
 
+def test_a_run_whose_config_json_is_damaged_is_named(good_inputs, tmp_path, capsys):
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'config.json').write_text('{"data": {')
+  assert reconstruct_cli.main(['--checkpoint', str(run), f'--t1={good_inputs["t1"]}',
+                               f'--t2={good_inputs["t2"]}', '--out', str(tmp_path / 'r.nii')]) == 2
+  assert _error_lines(capsys.readouterr().err) == [
+      f"fsmnet-reconstruct: error: {run / 'config.json'}: the run's config is not readable JSON "
+      '(Expecting property name enclosed in double quotes: line 1 column 11 (char 10)); give '
+      'the settings as --config']
+
+
 @pytest.mark.parametrize('main,arguments,problem', [
     (reconstruct_cli.main, ['--checkpoint', 'w', '--t1', 't1.nii', '--t2', 't2.nii', '--out',
                             'r.nii.gz', '--batch-size', '0'],

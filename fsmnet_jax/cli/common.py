@@ -251,7 +251,11 @@ def load_model(checkpoint: Path, config_file: Path | None, default_config: str
   if config_file is not None:
     config = load_config_file(config_file)
   elif (run_config := inference.run_config_file(checkpoint)) is not None:
-    config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+    try:
+      config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+    except json.JSONDecodeError as e:
+      raise DataError(f'{run_config}: the run\'s config is not readable JSON ({e}); give the '
+                      'settings as --config') from e
   else:
     config = load_config_file(CONFIG_DIR / f'{default_config}.py')
     params, model = load_params(checkpoint, None, config.model.use_spa_att)

@@ -35,7 +35,8 @@ flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/eval_SPLIT for
                     'checkpoint, else CHECKPOINT_eval_SPLIT beside it).')
 flags.DEFINE_bool('data_consistency', False, 'Also score FSMNet with the measured k-space '
                   'lines put back into its output.')
-flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).')
+flags.DEFINE_integer('num_panels', 4, 'Slices drawn as PNG panels (evenly spaced over the split).',
+                     lower_bound=0)
 flags.DEFINE_enum('precision', 'fp32', list(inference.PRECISIONS), PRECISION_HELP)
 flags.DEFINE_bool('overwrite', False, 'Replace an existing output folder.')
 flags.DEFINE_bool('debug', False, 'Show tracebacks of errors, orbax\'s included.')
