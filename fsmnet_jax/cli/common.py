@@ -121,9 +121,10 @@ def run_absl_app(program: str, command: Callable[[], int | None], module_name: s
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with one line instead of a traceback for a --config file that does
-  not load and a --config.key=value that names no key (ml_collections raises those as
-  OSError and AttributeError; absl reports only its own errors)."""
+  """absl's flag parsing, with one line and exit status 2 for a flag absl refuses (its own
+  message: FATAL, status 1), a --config file that does not load and a --config.key=value that
+  names no key (ml_collections raises those as OSError, AttributeError or what the file's own
+  code raises; absl reports only its own errors)."""
   try:
     remaining = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:  # a config file that failed to load raises on first use
