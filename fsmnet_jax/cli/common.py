@@ -22,7 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from fsmnet_jax import configs, inference
-from fsmnet_jax.checkpoint import CheckpointError
+from fsmnet_jax.checkpoint import CheckpointError, describe_error
 from fsmnet_jax.data import DataError, pipeline
 from fsmnet_jax.files import as_path
 from fsmnet_jax.model import FSMNet, build_model
@@ -155,13 +155,12 @@ def _config_argument(arguments: list[str]) -> str:
   return '--config'
 
 
-def _not_a_config(path: str | Path, error: BaseException) -> str:
+def _not_a_config(path: str | Path, error: Exception) -> str:
   """Why `path` does not load as a config file, in one line."""
-  detail = str(error).strip().splitlines()[0] if str(error).strip() else ''
   hint = ('; a run\'s config.json is read from the run itself: give the run as --checkpoint, '
           'or as --workdir to resume it' if str(path).endswith('.json') else '')
   return (f'{path}: not a config file, a Python file with get_config() as configs/*.py '
-          f'({type(error).__name__}{": " + detail if detail else ""}){hint}')
+          f'({describe_error(error)}){hint}')
 
 
 def _check_loaded_config(config: Any, path: str | Path) -> ml_collections.ConfigDict:
