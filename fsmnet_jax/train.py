@@ -397,22 +397,20 @@ class _Profile:
 
 def _check_writable(workdir: StoragePath) -> None:
   """Fails before any compute if checkpoints cannot be written in `workdir` (a folder, or a
-  bucket URL: no such bucket, no credentials, unreachable)."""
-  probe = workdir / TRAIN_CHECKPOINT_DIR / f'.write-check-{os.getpid()}'
-  # The folders made for the probe go again: a run refused later leaves no empty workdir.
-  made = [] if is_url(workdir) else [p for p in (probe.parent, workdir) if not p.exists()]
+  bucket URL: no such bucket, no credentials, unreachable). A local workdir is probed in its
+  nearest existing folder: its own folders are made once written to, so a run refused later
+  leaves none, and processes sharing it never remove a folder another is probing."""
+  folder = workdir / TRAIN_CHECKPOINT_DIR
+  if not is_url(workdir):  # a bucket has no folders (and s3fs would create a missing bucket)
+    while not os.path.lexists(folder):
+      folder = folder.parent
+  probe = folder / f'.write-check-{os.getpid()}'
   try:
-    if not is_url(workdir):  # a bucket has no folders (and s3fs would create a missing bucket)
-      probe.parent.mkdir(parents=True, exist_ok=True)
     probe.write_bytes(b'')
     probe.unlink()
   except Exception as e:  # OSError, or what the store's client raises for it
     reason = getattr(e, 'strerror', None) or describe_error(e)
     raise ConfigError(f'--workdir {workdir}: cannot write checkpoints there ({reason})') from e
-  finally:
-    for folder in made:
-      if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: StoragePath, start_step: int
